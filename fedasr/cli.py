@@ -1,0 +1,142 @@
+"""`fedasr` command line: parses arguments and calls the library. No logic lives here.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that registers its options and a ``run`` callable;
+library modules are imported inside ``run`` so ``fedasr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="synthesize a small Common-Voice-shaped corpus with espeak-ng voices")
+    p.add_argument("out_dir", help="folder to write the corpus to (Common Voice layout: clips/, *.tsv)")
+    p.add_argument("--lang", default="fr", help="sentence language: fr (default) or en")
+    p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: the demo size)")
+    p.add_argument("--utterances-per-speaker", type=int, default=None, help="clips per speaker")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng/mp3 workers (default: all cores)")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.data.synth import synthesize_corpus
+
+        summary = synthesize_corpus(
+            args.out_dir,
+            lang=args.lang,
+            speakers=args.speakers,
+            utterances_per_speaker=args.utterances_per_speaker,
+            seed=args.seed,
+            workers=args.workers,
+        )
+        print(json.dumps(summary, indent=2))
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="Common Voice release folder -> train/dev/test manifests")
+    p.add_argument("cv_dir", help="Common Voice folder of one locale (clips/, train.tsv, dev.tsv, test.tsv)")
+    p.add_argument("out_dir", help="folder for train.csv, dev.csv, test.csv and prepare_report.json")
+    p.add_argument("--lang", required=True, help="language code: fr, it, en, de, es (or any with --generic-normalizer)")
+    p.add_argument("--workers", type=int, default=None, help="processes reading audio headers (default: all cores)")
+    p.add_argument("--min-duration", type=float, default=0.0, help="drop clips shorter than this (seconds)")
+    p.add_argument("--max-duration", type=float, default=None, help="drop clips longer than this (seconds)")
+    p.add_argument("--min-words", type=int, default=1, help="drop sentences with fewer words")
+    p.add_argument("--max-words", type=int, default=None, help="drop sentences with more words")
+    p.add_argument("--keep-digits", action="store_true", help="keep sentences containing digits (default: drop)")
+    p.add_argument("--strip-accents", action="store_true", help="remove diacritics from transcripts")
+    p.add_argument(
+        "--generic-normalizer",
+        action="store_true",
+        help="allow a language without its own rules (NFC, case folding, punctuation removal only)",
+    )
+    p.add_argument("--splits", nargs="+", default=["train", "dev", "test"], help="which TSVs to prepare")
+    p.add_argument("--force", action="store_true", help="redo even if the outputs are up to date")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.data.commonvoice import prepare_common_voice
+
+        report = prepare_common_voice(
+            args.cv_dir,
+            args.out_dir,
+            lang=args.lang,
+            workers=args.workers,
+            min_duration=args.min_duration,
+            max_duration=args.max_duration,
+            min_words=args.min_words,
+            max_words=args.max_words,
+            keep_digits=args.keep_digits,
+            strip_accents=args.strip_accents,
+            generic_normalizer=args.generic_normalizer,
+            splits=tuple(args.splits),
+            force=args.force,
+        )
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_partition(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("partition", help="split the train manifest into a warm-up set and federated clients")
+    p.add_argument("manifest_dir", help="folder with train.csv (output of `fedasr prepare`)")
+    p.add_argument("out_dir", help="folder for partition.json, the per-client manifests and stats")
+    p.add_argument("--mode", required=True, choices=["cross-silo", "cross-device", "iid"])
+    p.add_argument("--clients", type=int, default=None, help="silos (cross-silo, iid; default 10) or a cap on clients (cross-device)")
+    p.add_argument("--warmup-speakers", type=int, default=117, help="speakers held out for the central warm-up")
+    p.add_argument("--min-utterances", type=int, default=2, help="cross-device: fewest utterances a speaker-client needs")
+    p.add_argument("--valid-fraction", type=float, default=0.1, help="share of each client's data kept for local validation")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.data.partition import partition_manifest
+
+        result = partition_manifest(
+            args.manifest_dir,
+            args.out_dir,
+            mode=args.mode,
+            clients=args.clients,
+            warmup_speakers=args.warmup_speakers,
+            min_utterances=args.min_utterances,
+            valid_fraction=args.valid_fraction,
+            seed=args.seed,
+        )
+        print(result["summary_table"])
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedasr", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_synth, _add_prepare, _add_partition):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        # Input errors carry a message naming the file, the row and the fix: show it, not a stack trace.
+        if args.verbose:
+            raise
+        print(f"fedasr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: Common Voice preparation, text normalisation, speaker partitioning, synthetic corpus."""

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh machine: system packages, a virtual environment with pinned packages, fedasr itself.
+# Idempotent: a second run checks and returns in seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  echo "[setup] installing espeak-ng (system package)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null
+fi
+
+stamp="$VENV/.fedasr-setup-$(sha1sum requirements.txt pyproject.toml | sha1sum | cut -c1-12)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+echo "[setup] installing pinned packages into $VENV (first run: about 2-3 minutes)"
+# torch must be pinned in the same pip command as everything else, or pip pulls a CUDA build.
+"$VENV/bin/pip" install -q -r requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
+"$VENV/bin/pip" install -q --no-deps -e .
+# torchaudio's compiled extension is a CUDA build that cannot load beside CPU torch; speechbrain only needs
+# torchaudio's pure-Python parts, which work once the extension libraries are gone.
+"$VENV/bin/python" - <<'PY'
+import glob, os, importlib.util
+spec = importlib.util.find_spec("torchaudio")
+if spec and spec.submodule_search_locations:
+    root = list(spec.submodule_search_locations)[0]
+    libs = glob.glob(os.path.join(root, "lib", "*.so")) + glob.glob(os.path.join(root, "lib", "*.so.*"))
+    for lib in libs:
+        os.remove(lib)
+PY
+"$VENV/bin/python" -c "import torch, speechbrain, flwr, sentencepiece, jiwer, soundfile; print('[setup] ok: torch', torch.__version__, 'speechbrain', speechbrain.__version__, 'flwr', flwr.__version__)"
+rm -f "$VENV"/.fedasr-setup-*
+touch "$stamp"

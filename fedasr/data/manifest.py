@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -53,7 +53,7 @@ def write_manifest(path: str | os.PathLike, utterances: Iterable[Utterance]) -> 
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)
         for utt in utterances:
-            row = asdict(utt)
+            row = {c: getattr(utt, c) for c in COLUMNS}  # not asdict(): its deep copy costs ~50 us a row
             row["duration"] = f"{float(utt.duration):.3f}"
             writer.writerow([row[c] for c in COLUMNS])
             count += 1

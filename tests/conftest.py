@@ -1,0 +1,86 @@
+"""Shared test set-up: quiet, single-threaded process defaults and a small real corpus built once per session.
+
+Fixtures (all session-scoped, built lazily the first time a test asks for them):
+
+- ``synth_corpus``: a Common-Voice-shaped folder spoken by espeak-ng voices (:data:`FIXTURE_CORPUS`: 16 speakers
+  x 12 clips; 12 train / 2 dev / 2 test speakers).
+- ``prepared_manifests``: ``train.csv``, ``dev.csv``, ``test.csv`` made from it by ``prepare_common_voice``.
+- ``cross_silo_partition``: :data:`FIXTURE_WARMUP_SPEAKERS` warm-up speakers + :data:`FIXTURE_SILOS` silos.
+- ``cross_device_partition``: the same warm-up speakers + one client per remaining train speaker.
+
+The partition fixtures return the partition folder; ``fedasr.data.partition.load_partition(path)`` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURE_CORPUS = {"lang": "fr", "speakers": 16, "utterances_per_speaker": 12, "seed": 0}
+FIXTURE_WARMUP_SPEAKERS = 4
+FIXTURE_SILOS = 4
+
+TEST_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray binds 127.0.0.1 only
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Process defaults for every test: no telemetry or network look-ups, one compute thread."""
+    for name, value in TEST_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    try:
+        import torch
+    except ImportError:  # the data-only tests do not need torch
+        return
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedasr.data.synth import synthesize_corpus
+
+    out = tmp_path_factory.mktemp("synth") / "cv_fr"
+    synthesize_corpus(out, **FIXTURE_CORPUS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_manifests(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        from fedasr.data.commonvoice import prepare_common_voice
+    except ImportError as err:  # preparation is written in parallel; its absence must not break other tests
+        pytest.skip(f"fedasr.data.commonvoice.prepare_common_voice is not available yet ({err})")
+    out = tmp_path_factory.mktemp("manifests")
+    prepare_common_voice(synth_corpus, out, lang=FIXTURE_CORPUS["lang"], workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cross_silo_partition(prepared_manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedasr.data.partition import partition_manifest
+
+    out = tmp_path_factory.mktemp("cross_silo")
+    partition_manifest(
+        prepared_manifests, out, mode="cross-silo", clients=FIXTURE_SILOS,
+        warmup_speakers=FIXTURE_WARMUP_SPEAKERS, seed=0,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def cross_device_partition(prepared_manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from fedasr.data.partition import partition_manifest
+
+    out = tmp_path_factory.mktemp("cross_device")
+    partition_manifest(
+        prepared_manifests, out, mode="cross-device", warmup_speakers=FIXTURE_WARMUP_SPEAKERS, seed=0
+    )
+    return out

@@ -11,10 +11,11 @@ from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = True, **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it is renamed over ``path`` (atomic on POSIX).
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched. ``durable=False`` skips the
+    fsync: still atomic for a crashed process, for many small files that a later durable write commits.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,7 +25,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
         with open(tmp, mode, **kwargs) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

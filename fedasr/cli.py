@@ -32,7 +32,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
             seed=args.seed,
             workers=args.workers,
         )
-        print(json.dumps(summary, indent=2))
+        splits = ", ".join(f"{name} {s['speakers']} speakers / {s['clips']} clips" for name, s in summary["splits"].items())
+        state = "already there" if summary.get("skipped") else f"{summary['seconds']:.1f} s"
+        print(f"synth: {args.out_dir}: {summary['clips']} clips, {summary['hours']:.2f} h ({splits}); {state}")
         return 0
 
     p.set_defaults(run=run)
@@ -59,7 +61,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="redo even if the outputs are up to date")
 
     def run(args: argparse.Namespace) -> int:
-        from fedasr.data.commonvoice import prepare_common_voice
+        from fedasr.data.commonvoice import prepare_common_voice, report_table
 
         report = prepare_common_voice(
             args.cv_dir,
@@ -76,7 +78,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             splits=tuple(args.splits),
             force=args.force,
         )
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(report_table(report))
         return 0
 
     p.set_defaults(run=run)
@@ -112,11 +114,84 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_train_central(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-central",
+        help="centralized / warm-up training from an experiment YAML; exports a seed checkpoint",
+        description="Train on train_csv (warm-up: <partition>/warmup/train.csv), anneal on dev WER, keep the best "
+        "checkpoint, test it and export <output_folder>/seed_checkpoint. Re-running resumes an interrupted run. "
+        "Overrides after HPARAMS: --key=value (SpeechBrain style) or a YAML mapping string.",
+    )
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--progressbar", action="store_true", help="show SpeechBrain's progress bars")
+    p.add_argument("hparams", help="experiment YAML, e.g. hparams/CommonVoice/fr.yaml")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="e.g. --manifest_folder=DIR --output_folder=DIR --number_of_epochs=3 --model=crdnn_tiny")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.models.train import train_central
+
+        result = train_central(args.hparams, args.overrides, device=args.device, progressbar=args.progressbar)
+        print(json.dumps(result, indent=2))
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="WER/CER of a checkpoint on a manifest, per speaker and per group")
+    p.add_argument("checkpoint", help="checkpoint folder (e.g. <output_folder>/seed_checkpoint)")
+    p.add_argument("manifest", help="manifest CSV to decode (e.g. test.csv)")
+    p.add_argument("--decoding", choices=["beam", "greedy"], default="beam")
+    p.add_argument("--out", default=None, help="folder for hyps.tsv, wer_report.json and wer_report.txt")
+    p.add_argument("--max-utterances", type=int, default=None, help="decode only the first N utterances")
+    p.add_argument("--device", default="cpu")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.models.evaluate import evaluate_checkpoint
+
+        report = evaluate_checkpoint(args.checkpoint, args.manifest, decoding=args.decoding, out_dir=args.out,
+                                     max_utterances=args.max_utterances, device=args.device)
+        print(report["table"])
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_federate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("federate", help="federated training from the seed checkpoint (Flower simulation)")
+    p.add_argument("hparams", help="federated settings, e.g. hparams/fl/cross_silo.yaml")
+    p.add_argument("--mode", choices=["cross-silo", "cross-device"], default=None, help="overrides `mode` of HPARAMS")
+    p.add_argument("--partition", required=True, help="folder (or partition.json) written by `fedasr partition`")
+    p.add_argument("--seed-checkpoint", required=True, help="seed checkpoint folder exported by the warm-up")
+    p.add_argument("--output-dir", required=True, help="metrics.jsonl, checkpoints/, best_model.pt, summary.json")
+    p.add_argument("--dev", default=None, help="dev manifest for the global model (default: dev.csv beside the partition's source)")
+    p.add_argument("--test", default=None, help="test manifest (default: test.csv beside the partition's source)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its last complete round")
+    p.add_argument("--stop-after-round", type=int, default=0, help="stop cleanly after this round (resume later)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of HPARAMS, e.g. --set rounds=3 --set strategy.temperature=0.05")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.fl.config import parse_overrides
+        from fedasr.fl.simulation import federate, summary_line
+
+        summary = federate(
+            args.hparams, mode=args.mode, partition=args.partition, seed_checkpoint=args.seed_checkpoint,
+            output_dir=args.output_dir, overrides=parse_overrides(args.overrides), dev_manifest=args.dev,
+            test_manifest=args.test, resume=args.resume, stop_after_round=args.stop_after_round,
+        )
+        print(summary_line(summary))
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedasr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_prepare, _add_partition):
+    for add in (_add_synth, _add_prepare, _add_partition, _add_train_central, _add_evaluate, _add_federate):
         add(sub)
     return parser
 

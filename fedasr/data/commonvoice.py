@@ -508,3 +508,23 @@ def _run_splits(
                 for split, tsv in tsvs.items():
                     stats[split] = prepare_split(split, tsv, out_dir, results_of, skipped_log)
     return stats
+
+
+def report_table(report: dict) -> str:
+    """A short text summary of a preparation report (the full report is prepare_report.json)."""
+    lines = [
+        f"prepare: {report['cv_dir']} -> {report['out_dir']} ({report['status']}, lang {report['lang']}, "
+        f"{report['seconds']:.1f} s, {report['clips_per_second']:.0f} clips/s)",
+        f"{'split':<6} {'rows':>8} {'kept':>8} {'hours':>8} {'speakers':>9}  skipped",
+    ]
+    for split, stats in report["splits"].items():
+        skipped = ", ".join(f"{reason} {n}" for reason, n in stats["skipped"].items()) or "none"
+        lines.append(
+            f"{split:<6} {stats['rows_read']:>8} {stats['kept']:>8} {stats['hours_kept']:>8.3f} "
+            f"{stats['speakers_kept']:>9}  {skipped}"
+        )
+    if report.get("speakers_in_several_splits"):
+        lines.append(f"warning: {report['speakers_in_several_splits']} speaker(s) appear in more than one split")
+    if report.get("skipped_total"):
+        lines.append(f"skipped rows are listed in {report['skipped_log']}")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Word and character error rates as SUMS of edits over SUMS of reference tokens, never averages of rates.
+
+An utterance contributes its edit counts; a speaker, a demographic group, a client or a whole test set is the sum
+of its utterances' counts. This is the aggregation the paper's WER (and SpeechBrain's ErrorRateStats) uses.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Iterable, Mapping, Sequence
+
+from speechbrain.utils.edit_distance import accumulatable_wer_stats
+
+GROUP_COLUMNS = ("spk_id", "gender", "age", "accents")
+
+
+@dataclass
+class ErrorCounts:
+    """Edit counts of one or many utterances; ``wer``/``cer`` are fractions (errors / reference tokens)."""
+
+    word_errors: int = 0
+    words: int = 0
+    char_errors: int = 0
+    chars: int = 0
+    utterances: int = 0
+
+    def add(self, other: "ErrorCounts") -> "ErrorCounts":
+        self.word_errors += other.word_errors
+        self.words += other.words
+        self.char_errors += other.char_errors
+        self.chars += other.chars
+        self.utterances += other.utterances
+        return self
+
+    @property
+    def wer(self) -> float:
+        return _rate(self.word_errors, self.words)
+
+    @property
+    def cer(self) -> float:
+        return _rate(self.char_errors, self.chars)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "wer": self.wer, "cer": self.cer}
+
+
+def _rate(errors: int, tokens: int) -> float:
+    if tokens == 0:
+        return 0.0 if errors == 0 else float("inf")
+    return errors / tokens
+
+
+def _edits(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    stats = accumulatable_wer_stats([list(ref)], [list(hyp)])
+    return int(stats["insertions"] + stats["deletions"] + stats["substitutions"])
+
+
+def utterance_counts(ref: str, hyp: str) -> ErrorCounts:
+    """Word edits (Levenshtein over words) and character edits (over characters, spaces included)."""
+    ref_words, hyp_words = ref.split(), hyp.split()
+    ref_chars, hyp_chars = " ".join(ref_words), " ".join(hyp_words)
+    return ErrorCounts(
+        word_errors=_edits(ref_words, hyp_words),
+        words=len(ref_words),
+        char_errors=_edits(ref_chars, hyp_chars),
+        chars=len(ref_chars),
+        utterances=1,
+    )
+
+
+def total_counts(counts: Iterable[ErrorCounts]) -> ErrorCounts:
+    total = ErrorCounts()
+    for c in counts:
+        total.add(c)
+    return total
+
+
+def utterance_row(utt_id: str, ref: str, hyp: str, **fields: str) -> dict:
+    """One per-utterance record: ID, ref, hyp, the edit counts, plus any grouping fields (spk_id, gender, ...)."""
+    counts = utterance_counts(ref, hyp)
+    return {
+        "ID": utt_id,
+        **fields,
+        "ref": ref,
+        "hyp": hyp,
+        "errors": counts.word_errors,
+        "words": counts.words,
+        "char_errors": counts.char_errors,
+        "chars": counts.chars,
+    }
+
+
+def row_counts(row: Mapping) -> ErrorCounts:
+    return ErrorCounts(int(row["errors"]), int(row["words"]), int(row.get("char_errors", 0)), int(row.get("chars", 0)), 1)
+
+
+def counts_by(rows: Iterable[Mapping], column: str) -> dict[str, ErrorCounts]:
+    """Sum the per-utterance counts of ``rows`` for each value of ``column`` (empty values become "unknown")."""
+    groups: dict[str, ErrorCounts] = defaultdict(ErrorCounts)
+    for row in rows:
+        groups[str(row.get(column) or "unknown")].add(row_counts(row))
+    return dict(sorted(groups.items()))
+
+
+def error_report(rows: Sequence[Mapping], group_columns: Sequence[str] = GROUP_COLUMNS) -> dict:
+    """JSON-ready report: overall counts and WER/CER, then the same per value of each grouping column."""
+    report = {"overall": total_counts(row_counts(r) for r in rows).as_dict(), "groups": {}}
+    for column in group_columns:
+        if any(column in r for r in rows):
+            report["groups"][column] = {k: v.as_dict() for k, v in counts_by(rows, column).items()}
+    return report
+
+
+def format_report(report: Mapping) -> str:
+    """A plain-text table of an :func:`error_report` (WER/CER in percent)."""
+    lines = [f"{'group':<12} {'value':<28} {'utts':>6} {'words':>7} {'WER%':>7} {'CER%':>7}"]
+
+    def line(group: str, value: str, c: Mapping) -> str:
+        return f"{group:<12} {value[:28]:<28} {c['utterances']:>6} {c['words']:>7} {100 * c['wer']:>7.2f} {100 * c['cer']:>7.2f}"
+
+    lines.append(line("all", "-", report["overall"]))
+    for column, values in report.get("groups", {}).items():
+        for value, c in values.items():
+            lines.append(line(column, value, c))
+    return "\n".join(lines)

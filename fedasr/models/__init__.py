@@ -1,0 +1,1 @@
+"""Acoustic models: the YAML-driven ASR Brain, the global tokenizer, seed checkpoints."""

@@ -1,0 +1,109 @@
+"""The ASR Brain: SpeechBrain's own training loop, filled through hooks only (never a forked fit()).
+
+Works for any YAML-defined :class:`fedasr.models.model.AcousticModel`: the Brain's only module is ``model`` and
+all structure lives in the model's roles. ``hparams`` passed to the Brain:
+
+* ``tokenizer`` (required), ``valid_search`` / ``test_search`` ("greedy" | "beam" | None: no decoding);
+* optional: ``lr_annealing`` (NewBobScheduler on dev WER), ``train_logger`` (FileTrainLogger),
+  ``keep_checkpoints``, ``hyps_file`` (per-utterance test hypotheses), ``epoch_counter``.
+
+Without a checkpointer (the federated client), ``on_fit_start`` recovers nothing: global weights stay.
+"""
+
+from __future__ import annotations
+
+import speechbrain as sb
+import torch
+
+from fedasr.metrics.wer import error_report, utterance_row
+from fedasr.models.dataio import GROUP_FIELDS
+from fedasr.utils.io import atomic_write_text
+
+
+def decode_batch(model, batch, tokenizer, mode: str, *, epoch: int | None = None, augment: bool = False):
+    """Forward one batch and decode it; returns (ForwardOutput, hypotheses or None when mode is None)."""
+    wavs, wav_lens = batch.sig
+    tokens_bos = batch.tokens_bos[0] if model.has_decoder else None
+    out = model(wavs, wav_lens, tokens_bos, epoch=epoch, augment=augment)
+    hyps = model.transcribe(out, tokenizer, mode) if mode else None
+    return out, hyps
+
+
+def batch_loss(model, out, batch) -> torch.Tensor:
+    tokens, token_lens = batch.tokens
+    tokens_eos, tokens_eos_lens = batch.tokens_eos
+    return model.loss(out, tokens, token_lens, tokens_eos, tokens_eos_lens)
+
+
+def batch_rows(batch, hyps: list[str]) -> list[dict]:
+    """Per-utterance error rows (ID, spk_id, gender, age, accents, ref, hyp, counts) of a decoded batch."""
+    rows = []
+    for i, (utt_id, ref, hyp) in enumerate(zip(batch.id, batch.wrd, hyps)):
+        fields = {k: getattr(batch, k)[i] for k in GROUP_FIELDS}
+        rows.append(utterance_row(utt_id, ref, hyp, **fields))
+    return rows
+
+
+class ASRBrain(sb.Brain):
+    """Hooks: compute_forward, compute_objectives, on_stage_start, on_stage_end."""
+
+    def compute_forward(self, batch, stage):
+        batch = batch.to(self.device)
+        search = {sb.Stage.VALID: self.hparams.valid_search, sb.Stage.TEST: self.hparams.test_search}.get(stage)
+        return decode_batch(self.modules.model, batch, self.hparams.tokenizer, search,
+                            epoch=self.current_epoch, augment=stage == sb.Stage.TRAIN)
+
+    def compute_objectives(self, predictions, batch, stage):
+        out, hyps = predictions
+        loss = batch_loss(self.modules.model, out, batch)
+        if hyps is not None:
+            self.rows.extend(batch_rows(batch, hyps))
+        return loss
+
+    def on_stage_start(self, stage, epoch=None):
+        self.current_epoch = epoch
+        self.rows = []
+
+    def on_stage_end(self, stage, stage_loss, epoch=None):
+        stats = {"loss": stage_loss}
+        if stage == sb.Stage.TRAIN:
+            self.train_stats = stats
+            self.train_losses = getattr(self, "train_losses", []) + [stage_loss]
+            return
+        if self.rows:
+            overall = error_report(self.rows, group_columns=())["overall"]
+            stats.update(WER=100 * overall["wer"], CER=100 * overall["cer"])
+        if stage == sb.Stage.VALID:
+            self._end_of_epoch(stats, epoch)
+        else:
+            self._end_of_test(stats)
+
+    def _end_of_epoch(self, stats, epoch):
+        self.valid_stats = stats
+        lr = self.optimizer.param_groups[0]["lr"]
+        annealing = getattr(self.hparams, "lr_annealing", None)
+        if annealing is not None and "WER" in stats:
+            lr, new_lr = annealing(stats["WER"])
+            sb.nnet.schedulers.update_learning_rate(self.optimizer, new_lr)
+        logger = getattr(self.hparams, "train_logger", None)
+        if logger is not None:
+            logger.log_stats(stats_meta={"epoch": epoch, "lr": lr}, train_stats=self.train_stats, valid_stats=stats)
+        if self.checkpointer is not None:  # keeps the best by dev WER (or the latest without decoding)
+            has_wer = "WER" in stats
+            self.checkpointer.save_and_keep_only(
+                meta={"epoch": epoch, **({"WER": stats["WER"]} if has_wer else {})},
+                min_keys=["WER"] if has_wer else None,
+                num_to_keep=getattr(self.hparams, "keep_checkpoints", 1),
+            )
+
+    def _end_of_test(self, stats):
+        self.test_stats = stats
+        self.test_rows = list(self.rows)
+        logger = getattr(self.hparams, "train_logger", None)
+        if logger is not None:
+            epoch = self.hparams.epoch_counter.current if hasattr(self.hparams, "epoch_counter") else None
+            logger.log_stats(stats_meta={"Epoch loaded": epoch}, test_stats=stats)
+        hyps_file = getattr(self.hparams, "hyps_file", None)
+        if hyps_file and self.rows:
+            atomic_write_text(hyps_file, "".join(f"{r['ID']}\t{r['ref']}\t{r['hyp']}\t{r['errors']}/{r['words']}\n"
+                                                 for r in self.rows))

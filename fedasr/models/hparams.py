@@ -1,0 +1,216 @@
+"""Experiment YAML = base experiment + model YAML + small overlays + command-line overrides.
+
+Layout (each YAML file documents itself in its header):
+
+* ``hparams/CommonVoice/base.yaml``: the experiment (data paths, tokenizer, training, decoding settings) and
+  ``model: <name>``;
+* ``hparams/models/<name>.yaml``: one acoustic model (its modules, the roles they play, decoding options);
+* ``hparams/CommonVoice/<lang>.yaml``: an overlay that starts with ``extends: base.yaml`` and holds only the
+  keys that differ (language, vocabulary size, ...). Overlays may extend other overlays.
+
+Composition is textual and keeps HyperPyYAML tags: the base's top-level blocks, then the model's blocks (a key
+in both is an error), then each overlay replaces whole top-level blocks (a key that exists nowhere is an error).
+Command-line overrides are then applied by HyperPyYAML with ``overrides_must_match`` (unknown keys are errors).
+``model`` may name a YAML in ``hparams/models`` or be a path to a model YAML.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import ruamel.yaml
+import torch
+from hyperpyyaml import load_hyperpyyaml, resolve_references
+
+_TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
+EXTENDS_KEY = "extends"
+MODEL_KEY = "model"
+SEED_KEY = "seed"
+
+
+class HparamsError(ValueError):
+    """An experiment YAML or override that cannot be used; the message names the file/key and the fix."""
+
+
+@dataclass
+class Experiment:
+    hparams: dict  # built objects (modules, optimizer class, ...) and plain values
+    resolved_yaml: str  # the composed YAML with overrides and references resolved: saved with every run
+    model_name: str
+    source: Path
+
+
+def parse_overrides(args: Sequence[str] | str | dict | None) -> dict:
+    """SpeechBrain-style overrides: ``["--number_of_epochs=3", "--lr", "0.5"]``, a YAML mapping string, or a dict."""
+    if args is None:
+        return {}
+    if isinstance(args, dict):
+        return dict(args)
+    if isinstance(args, str):
+        return _yaml_mapping(args, "override string")
+    overrides: dict[str, Any] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if item.startswith("--"):
+            key, eq, value = item[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(items):
+                    raise HparamsError(f"override --{key} has no value: write --{key}=VALUE.")
+                value, i = items[i + 1], i + 1
+            overrides[key] = ruamel.yaml.YAML(typ="safe", pure=True).load(value) if value != "" else ""
+        else:
+            overrides.update(_yaml_mapping(item, f"override {item!r}"))
+        i += 1
+    return overrides
+
+
+def _yaml_mapping(text: str, what: str) -> dict:
+    try:
+        data = ruamel.yaml.YAML(typ="safe", pure=True).load(text)
+    except ruamel.yaml.YAMLError as err:
+        raise HparamsError(f"{what} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HparamsError(f"{what} must be a YAML mapping like 'key: value' or --key=value.")
+    return data
+
+
+def split_blocks(text: str) -> dict[str, str]:
+    """Top-level ``key -> block text`` of a YAML document (leading comments are kept under the key "")."""
+    blocks: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in text.splitlines(keepends=True):
+        match = _TOP_LEVEL_KEY.match(line)
+        if match:
+            current = match.group(1)
+            blocks[current] = []
+        blocks[current].append(line)
+    return {k: "".join(v) for k, v in blocks.items()}
+
+
+def _block_value(block: str, path: Path, key: str) -> Any:
+    try:
+        return ruamel.yaml.YAML(typ="safe", pure=True).load(block)[key]
+    except Exception as err:  # noqa: BLE001 - any parse problem is reported with its file
+        raise HparamsError(f"{path}: key '{key}' must be a plain value: {err}") from None
+
+
+def _read_chain(path: Path) -> list[tuple[Path, dict[str, str]]]:
+    """[(file, blocks)] from the root base to ``path`` following ``extends`` keys."""
+    chain: list[tuple[Path, dict[str, str]]] = []
+    seen: set[Path] = set()
+    while True:
+        path = path.resolve()
+        if not path.exists():
+            raise HparamsError(f"{path}: hparams file not found.")
+        if path in seen:
+            raise HparamsError(f"{path}: 'extends' forms a cycle.")
+        seen.add(path)
+        blocks = split_blocks(path.read_text(encoding="utf-8"))
+        chain.insert(0, (path, blocks))
+        if EXTENDS_KEY not in blocks:
+            return chain
+        parent = _block_value(blocks.pop(EXTENDS_KEY), path, EXTENDS_KEY)
+        path = path.parent / str(parent)
+
+
+def model_yaml_path(model: str, experiment_file: Path) -> Path:
+    """``model`` as a path to a YAML, or a name looked up in the ``models`` folder beside the experiment's folder."""
+    if model.endswith((".yaml", ".yml")):
+        candidates = [Path(model), experiment_file.parent / model]
+    else:
+        candidates = [experiment_file.parent.parent / "models" / f"{model}.yaml", experiment_file.parent / "models" / f"{model}.yaml"]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate.resolve()
+    folder = candidates[0].parent
+    known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise HparamsError(
+        f"{experiment_file}: model '{model}' not found (looked for {', '.join(map(str, candidates))}). "
+        f"Known models: {known}; or pass a path to a model YAML (--model=path/to/model.yaml)."
+    )
+
+
+def compose_yaml(experiment_file: str | os.PathLike, model: str | None = None) -> tuple[str, str]:
+    """Compose base + model + overlays into one YAML text; returns (text, model name)."""
+    chain = _read_chain(Path(experiment_file))
+    root_path, root_blocks = chain[0]
+    if model is None:
+        for path, blocks in reversed(chain):
+            if MODEL_KEY in blocks:
+                model = str(_block_value(blocks[MODEL_KEY], path, MODEL_KEY))
+                break
+    if model is None:
+        raise HparamsError(f"{experiment_file}: no '{MODEL_KEY}:' key; name a model (e.g. model: crdnn_tiny).")
+    model_path = model_yaml_path(model, root_path)
+    model_blocks = split_blocks(model_path.read_text(encoding="utf-8"))
+    clash = sorted((set(model_blocks) & set(root_blocks)) - {""})
+    if clash:
+        raise HparamsError(f"{model_path}: keys {clash} are already defined by {root_path}; rename them in the model YAML.")
+    blocks = {**root_blocks, **{k: v for k, v in model_blocks.items() if k}}
+    blocks[""] = root_blocks.get("", "")
+    for path, overlay in chain[1:]:
+        for key, block in overlay.items():
+            if not key:
+                continue
+            if key not in blocks:
+                raise HparamsError(
+                    f"{path}: key '{key}' is not defined by the base experiment or the model YAML "
+                    f"({model_path.name}); valid keys: {sorted(k for k in blocks if k)}."
+                )
+            blocks[key] = block if block.endswith("\n") else block + "\n"
+    text = "".join(b if b.endswith("\n") or not b else b + "\n" for b in blocks.values())
+    return text, Path(model).stem if model.endswith((".yaml", ".yml")) else model
+
+
+def check_override_keys(text: str, overrides: dict, source: str) -> None:
+    valid = sorted(k for k in split_blocks(text) if k)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise HparamsError(f"unknown hparams key(s) {unknown} for {source}; valid keys: {valid}.")
+
+
+def load_experiment(experiment_file: str | os.PathLike, overrides: Sequence[str] | str | dict | None = None) -> Experiment:
+    """Compose, override and build an experiment. Building has no side effects (no folders are created)."""
+    overrides = parse_overrides(overrides)
+    text, model_name = compose_yaml(experiment_file, overrides.get(MODEL_KEY))
+    overrides.pop(MODEL_KEY, None)
+    overrides[MODEL_KEY] = model_name
+    check_override_keys(text, overrides, str(experiment_file))
+    return build_from_text(text, overrides, source=Path(experiment_file), model_name=model_name)
+
+
+def seed_from_yaml(resolved_yaml: str, source: Path) -> None:
+    """Seed Python's and torch's generators with the YAML's top-level ``seed`` (if any)."""
+    block = split_blocks(resolved_yaml).get(SEED_KEY)
+    if block is None:
+        return
+    seed = int(_block_value(block, source, SEED_KEY))
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_from_text(text: str, overrides: dict | None, *, source: Path, model_name: str | None = None) -> Experiment:
+    """Resolve references + overrides of a composed (or saved, resolved) YAML and build its objects.
+
+    Generators are seeded from the YAML's ``seed`` first, so the initial weights are reproducible."""
+    overrides = dict(overrides or {})
+    check_override_keys(text, overrides, str(source))
+    try:
+        resolved = resolve_references(io.StringIO(text), overrides, overrides_must_match=True).getvalue()
+        seed_from_yaml(resolved, source)  # modules are initialised while the YAML loads: seed before
+        hparams = load_hyperpyyaml(resolved)
+    except KeyError as err:
+        raise HparamsError(f"{source}: {err.args[0] if err.args else err}") from None
+    except ValueError as err:
+        raise HparamsError(f"{source}: {err} (pass the missing value as an override, e.g. --output_folder=DIR)") from None
+    return Experiment(hparams, resolved, model_name or str(hparams.get(MODEL_KEY, "")), source)

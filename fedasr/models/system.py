@@ -1,0 +1,135 @@
+"""``SpeechBrainASRSystem``: the fedasr.models.api.ASRSystem protocol over the YAML-defined model.
+
+Built once per process from a seed checkpoint, then reused: the federated client calls ``load_state_dict`` and
+``fit`` per message. ``fit`` builds a fresh Brain and a fresh SGD optimizer per call, has no checkpointer (so it
+never recovers a checkpoint over the received weights) and never decodes. The feature-normaliser statistics are
+frozen: they travel in ``state_dict()`` but no training updates them. Torch threads are left to the caller.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import time
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataloader import make_dataloader
+from speechbrain.dataio.sampler import ReproducibleRandomSampler
+
+from fedasr.metrics.wer import error_report
+from fedasr.models.api import EvalResult, FitResult
+from fedasr.models.brain import ASRBrain, batch_loss, batch_rows, decode_batch
+from fedasr.models.checkpoint import HPARAMS_FILENAME, check_checkpoint, load_model_state, read_meta
+from fedasr.models.dataio import make_dataset
+from fedasr.models.hparams import build_from_text
+from fedasr.models.model import DECODING_MODES, AcousticModel, build_acoustic_model
+from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer
+
+
+class StateDictMismatch(ValueError):
+    """A state dict that does not fit the model (other architecture or vocabulary)."""
+
+
+class SpeechBrainASRSystem:
+    """A recognizer: role-bound modules + frozen normaliser stats + the one global tokenizer."""
+
+    def __init__(self, model: AcousticModel, tokenizer: Tokenizer, hparams: dict, *, device: str = "cpu",
+                 meta: dict | None = None):
+        self.model = model.to(device)
+        self.tokenizer = tokenizer
+        self.hparams = hparams
+        self.device = device
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, overrides: dict | None = None,
+                        device: str = "cpu") -> "SpeechBrainASRSystem":
+        checkpoint_dir = check_checkpoint(checkpoint_dir)
+        yaml_path = checkpoint_dir / HPARAMS_FILENAME
+        experiment = build_from_text(yaml_path.read_text(encoding="utf-8"), overrides, source=yaml_path)
+        model = build_acoustic_model(experiment.hparams, source=yaml_path)
+        model.load_state_dict(load_model_state(checkpoint_dir))
+        model.freeze_normalizer()
+        model.eval()
+        tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_FILENAME)
+        return cls(model, tokenizer, experiment.hparams, device=device, meta=read_meta(checkpoint_dir))
+
+    # ---- weights ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All parameters and buffers (BatchNorm statistics, normaliser statistics), detached CPU copies."""
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong_shape = sorted(k for k in set(own) & set(state) if own[k].numel() and own[k].shape != state[k].shape)
+        if missing or unexpected or wrong_shape:
+            raise StateDictMismatch(
+                f"state dict does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                f"wrong shape {wrong_shape[:5]}. Were server and clients built from the same seed checkpoint?"
+            )
+        self.model.load_state_dict(state)
+        self.model.freeze_normalizer()
+
+    # ---- local training --------------------------------------------------------------------------------------
+    def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int) -> FitResult:
+        """``epochs`` epochs of plain SGD (fresh optimizer each call); no checkpoint recovery, no decoding."""
+        start = time.perf_counter()
+        random.seed(seed)  # SpeechBrain's Augmenter draws from Python's random
+        torch.manual_seed(seed)
+        dataset = make_dataset(manifest, self.tokenizer, sample_rate=self.hparams["sample_rate"], sorting="random")
+        sampler = ReproducibleRandomSampler(dataset, seed=seed)
+        loader = make_dataloader(dataset, batch_size=batch_size, sampler=sampler)
+        brain = ASRBrain(
+            modules={"model": self.model},
+            opt_class=functools.partial(torch.optim.SGD, lr=lr),
+            hparams={"tokenizer": self.tokenizer, "valid_search": None, "test_search": None},
+            run_opts={"device": self.device, "noprogressbar": True,
+                      "max_grad_norm": float(self.hparams.get("max_grad_norm", 5.0))},
+            checkpointer=None,
+        )
+        brain.train_sampler = sampler  # Brain.fit calls set_epoch on it: a new order every epoch
+        brain.fit(sb.utils.epoch_loop.EpochCounter(epochs), loader, progressbar=False)
+        losses = getattr(brain, "train_losses", [])
+        self.model.eval()
+        return FitResult(train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
+                         num_examples=len(dataset), seconds=time.perf_counter() - start)
+
+    # ---- evaluation ------------------------------------------------------------------------------------------
+    def transcribe_manifest(self, manifest: str | Path, *, decoding: str = "greedy",
+                            max_utterances: int | None = None) -> tuple[list[dict], float]:
+        """Per-utterance rows (ID, spk_id, gender, age, accents, ref, hyp, errors, ...) and the mean loss."""
+        if decoding not in DECODING_MODES:
+            raise ValueError(f"decoding must be one of {DECODING_MODES}, not {decoding!r}")
+        dataset = make_dataset(manifest, self.tokenizer, sample_rate=self.hparams["sample_rate"],
+                               sorting="ascending", max_utterances=max_utterances)
+        loader = make_dataloader(dataset, batch_size=int(self.hparams.get("eval_batch_size", 8)))
+        rows: list[dict] = []
+        loss_sum, count = 0.0, 0
+        self.model.eval()
+        with torch.no_grad():
+            for batch in loader:
+                batch = batch.to(self.device)
+                out, hyps = decode_batch(self.model, batch, self.tokenizer, decoding)
+                loss_sum += float(batch_loss(self.model, out, batch)) * len(batch.id)
+                count += len(batch.id)
+                rows.extend(batch_rows(batch, hyps))
+        return rows, loss_sum / max(count, 1)
+
+    def evaluate(self, manifest: str | Path, *, decoding: str = "greedy", max_utterances: int | None = None,
+                 per_utterance: bool = False) -> EvalResult:
+        rows, loss = self.transcribe_manifest(manifest, decoding=decoding, max_utterances=max_utterances)
+        total = error_report(rows, group_columns=())["overall"]
+        return EvalResult(
+            wer=total["wer"], cer=total["cer"], word_errors=total["word_errors"], words=total["words"],
+            char_errors=total["char_errors"], chars=total["chars"], num_utterances=total["utterances"],
+            loss=loss, per_utterance=rows if per_utterance else [],
+        )
+
+
+def load_system(checkpoint_dir: str | os.PathLike, overrides: dict | None = None, device: str = "cpu") -> SpeechBrainASRSystem:
+    """Shorthand for :meth:`SpeechBrainASRSystem.from_checkpoint`."""
+    return SpeechBrainASRSystem.from_checkpoint(checkpoint_dir, overrides=overrides, device=device)

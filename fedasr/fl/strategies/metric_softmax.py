@@ -1,0 +1,178 @@
+"""Metric-softmax aggregation (Gao et al., ICASSP 2022), with the FedAvg mix and server learning rate of FedVSSL.
+
+Client k gets the weight
+
+    w_k = mix * softmax(s / T)_k + (1 - mix) * n_k / sum(n)
+
+with s_k = 1 - wer_k ("wer-softmax") or s_k = -loss_k ("loss-softmax"), n_k its number of examples. The new
+global model is  x <- x + server_lr * (sum_k w_k x_k - x).  mix = 1, server_lr = 1 is the published formula;
+mix = 0 is FedAvg. The softmax is computed in float64 and shifted by its maximum, so T = 0.01 with WER near 0
+cannot overflow.
+
+Where wer_k comes from is a setting: the client's own validation slice (reported in its reply, measured in
+parallel by the clients, but on different data per client), or ``score_fn`` run on the server for every returned
+model on one fixed server-held subset (the reference's behaviour: comparable numbers, at the cost of K
+sequential decodes on the server per round).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord, weighted_average
+from fedasr.fl.strategies.replies import (
+    LOCAL_WER,
+    NUM_EXAMPLES,
+    TRAIN_LOSS,
+    aggregate_train_metrics,
+    partition_of,
+    reply_arrays,
+    reply_metrics,
+    usable_replies,
+)
+
+log = logging.getLogger(__name__)
+
+SCORES = ("wer", "loss", "examples")
+
+
+def softmax_weights(scores: np.ndarray | list[float], temperature: float) -> np.ndarray:
+    """softmax(scores / temperature) in float64, shifted by the maximum (no overflow for any finite input)."""
+    if temperature <= 0:
+        raise ValueError(f"softmax temperature must be > 0, got {temperature}")
+    logits = np.asarray(scores, dtype=np.float64) / float(temperature)
+    if logits.size == 0 or not np.isfinite(logits).all():
+        raise ValueError(f"softmax scores must be finite and non-empty, got {list(scores)}")
+    exps = np.exp(logits - logits.max())
+    return exps / exps.sum()
+
+
+def example_weights(num_examples: np.ndarray | list[float]) -> np.ndarray:
+    counts = np.asarray(num_examples, dtype=np.float64)
+    return counts / counts.sum()
+
+
+def mixed_weights(scores, num_examples, temperature: float, mix: float) -> np.ndarray:
+    """mix * softmax(scores / T) + (1 - mix) * examples share; sums to 1."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must lie in [0, 1], got {mix}")
+    by_examples = example_weights(num_examples)
+    if mix == 0.0:
+        return by_examples
+    return mix * softmax_weights(scores, temperature) + (1.0 - mix) * by_examples
+
+
+def client_score(score: str, metrics: MetricRecord) -> float:
+    """The quantity the softmax favours: 1 - WER, or minus the train loss."""
+    if score == "wer":
+        return 1.0 - float(metrics.get(LOCAL_WER, float("nan")))
+    if score == "loss":
+        return -float(metrics.get(TRAIN_LOSS, float("nan")))
+    return 0.0
+
+
+class MetricSoftmax(FedAvg):
+    """FedAvg whose client weights come from a softmax over a per-client metric (see module docstring).
+
+    Parameters beyond FedAvg's: ``score`` in {"wer", "loss", "examples"}, ``temperature`` T, ``mix`` (share of
+    the softmax against the FedAvg weights), ``server_lr``, and ``score_fn`` (ArrayRecord -> WER fraction,
+    evaluated on the server) for ``score="wer"`` measured server-side.
+    """
+
+    def __init__(
+        self,
+        *,
+        score: str = "wer",
+        temperature: float = 1.0,
+        mix: float = 1.0,
+        server_lr: float = 1.0,
+        score_fn: Callable[[ArrayRecord], float] | None = None,
+        **fedavg_kwargs,
+    ) -> None:
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"mix must lie in [0, 1], got {mix}")
+        if server_lr <= 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
+        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
+        super().__init__(**fedavg_kwargs)
+        self.score = score
+        self.temperature = float(temperature)
+        self.mix = float(mix)
+        self.server_lr = float(server_lr)
+        self.score_fn = score_fn
+        self.current_arrays: dict[str, np.ndarray] | None = None
+        self.last_weights: dict[int, float] = {}
+        self.last_scores: dict[int, float] = {}
+        self.last_dropped: list[tuple[int, str]] = []
+        self.last_clients: list[int] = []
+
+    @property
+    def wants_client_wer(self) -> bool:
+        """True when clients must measure WER on their own validation slice and report it."""
+        return self.score == "wer" and self.score_fn is None and self.mix > 0
+
+    def summary(self) -> None:
+        log.info(
+            "MetricSoftmax: score=%s T=%g mix=%g server_lr=%g wer measured on %s",
+            self.score, self.temperature, self.mix, self.server_lr,
+            "the server subset" if self.score_fn else "client slices",
+        )
+        super().summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.current_arrays = arrays_to_numpy(arrays)
+        config["report-wer"] = self.wants_client_wer
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept, self.last_dropped = usable_replies(replies)
+        self.last_clients = [partition_of(m) for m in kept]
+        if not kept:
+            log.warning("round %d: no usable reply, the global model is kept", server_round)
+            return None, None
+        scores = [self._score(m) for m in kept]
+        usable = [i for i, s in enumerate(scores) if np.isfinite(s)]
+        for i in set(range(len(kept))) - set(usable):
+            self.last_dropped.append((partition_of(kept[i]), f"{self.score} score is not finite"))
+        if not usable:
+            return None, None
+        kept = [kept[i] for i in usable]
+        scores = [scores[i] for i in usable]
+        examples = [float(reply_metrics(m)[NUM_EXAMPLES]) for m in kept]
+        weights = mixed_weights(scores, examples, self.temperature, self.mix)
+        self.last_clients = [partition_of(m) for m in kept]
+        self.last_weights = dict(zip(self.last_clients, map(float, weights)))
+        self.last_scores = dict(zip(self.last_clients, map(float, scores)))
+        averaged = weighted_average([arrays_to_numpy(reply_arrays(m)) for m in kept], weights)
+        new_arrays = self._apply_server_lr(averaged)
+        metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
+        metrics["max-weight"] = float(weights.max())
+        metrics["dropped-clients"] = len(self.last_dropped)
+        return numpy_to_arrayrecord(new_arrays), metrics
+
+    def _score(self, message: Message) -> float:
+        if self.score == "wer" and self.score_fn is not None and self.mix > 0:
+            return 1.0 - float(self.score_fn(reply_arrays(message)))
+        if self.mix == 0:
+            return 0.0
+        return client_score(self.score, reply_metrics(message))
+
+    def _apply_server_lr(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.server_lr == 1.0 or self.current_arrays is None:
+            return averaged
+        updated = {}
+        for key, value in averaged.items():
+            current = self.current_arrays[key].astype(np.float64)
+            updated[key] = (current + self.server_lr * (value.astype(np.float64) - current)).astype(value.dtype)
+        return updated

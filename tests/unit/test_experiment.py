@@ -1,0 +1,104 @@
+"""Results paths (fedasr.experiment) and the stage runner of the pipeline (fedasr.demo): done-markers, skipping,
+resumption after a failure, re-running stages whose settings changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedasr.demo import (
+    Pipeline, PipelineError, Stage, flatten, load_pipeline_config, merge, parse_set_overrides, run_stages, stage_range,
+)
+from fedasr.experiment import ExperimentPathError, RunId, read_run_id, run_dir, save_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_run_dir_is_built_from_the_five_fields(tmp_path):
+    run = RunId("CommonVoice", "fr", "cross-silo", "crdnn", 1234)
+    assert run_dir(tmp_path, run) == tmp_path / "CommonVoice" / "fr" / "cross-silo" / "crdnn" / "seed1234"
+
+
+@pytest.mark.parametrize("field,value", [("setting", "federated"), ("model", "crdnn/tiny"), ("language", "f r"),
+                                         ("dataset", "")])
+def test_run_dir_rejects_fields_that_cannot_name_a_folder(tmp_path, field, value):
+    fields = {"dataset": "CommonVoice", "language": "fr", "setting": "central", "model": "crdnn", "seed": 1}
+    fields[field] = value
+    with pytest.raises(ExperimentPathError, match=field):
+        run_dir(tmp_path, RunId(**fields))
+
+
+def test_saved_run_config_round_trips(tmp_path):
+    run = RunId("synth", "fr", "central", "crdnn_tiny", 7)
+    save_run_config(tmp_path, run, {"rounds": 3, "strategy": {"name": "fedavg"}})
+    assert read_run_id(tmp_path) == run
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == {"rounds": 3, "strategy": {"name": "fedavg"}}
+    save_run_config(tmp_path, run, "lr: 0.5  # resolved\n")
+    assert (tmp_path / "config.yaml").read_text() == "lr: 0.5  # resolved\n"
+    assert read_run_id(tmp_path / "missing") is None
+
+
+def recording_pipeline(out: Path, settings: dict, calls: list, fail_at: str | None = None) -> Pipeline:
+    def action(name):
+        def run():
+            calls.append(name)
+            if name == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return run
+    stages = [Stage(name, settings.get(name, {}), action(name)) for name in ("a", "b", "c")]
+    return Pipeline(out=out, stages=stages, echo=lambda line: None)
+
+
+def test_finished_stages_are_skipped_and_a_failed_stage_is_redone(tmp_path):
+    calls: list = []
+    with pytest.raises(RuntimeError, match="b broke"):
+        run_stages(recording_pipeline(tmp_path, {}, calls, fail_at="b"))
+    assert calls == ["a", "b"]
+    assert (tmp_path / ".done.a.json").exists() and not (tmp_path / ".done.b.json").exists()
+    calls.clear()
+    states = run_stages(recording_pipeline(tmp_path, {}, calls))
+    assert calls == ["b", "c"]
+    assert states == {"a": "skipped", "b": "ran", "c": "ran"}
+    calls.clear()
+    assert run_stages(recording_pipeline(tmp_path, {}, calls)) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+    assert calls == []
+
+
+def test_changed_settings_redo_that_stage_and_the_ones_after(tmp_path):
+    calls: list = []
+    run_stages(recording_pipeline(tmp_path, {"b": {"rounds": 2}}, calls))
+    calls.clear()
+    run_stages(recording_pipeline(tmp_path, {"b": {"rounds": 3}}, calls))
+    assert calls == ["b", "c"]
+
+
+def test_stage_selection_and_unfinished_earlier_stages(tmp_path):
+    assert stage_range("b", "c", ("a", "b", "c")) == ["b", "c"]
+    assert stage_range("2", None, ("a", "b", "c")) == ["b", "c"]
+    with pytest.raises(PipelineError, match="unknown stage 'z'"):
+        stage_range("z", None, ("a", "b", "c"))
+    with pytest.raises(PipelineError, match="comes after"):
+        stage_range("c", "a", ("a", "b", "c"))
+    calls: list = []
+    with pytest.raises(PipelineError, match="stage 'a' is not done"):
+        run_stages(recording_pipeline(tmp_path, {}, calls), start="b")
+    assert calls == []
+    run_stages(recording_pipeline(tmp_path, {}, calls), stop="a")
+    run_stages(recording_pipeline(tmp_path, {}, calls), start="b", stop="b")
+    assert calls == ["a", "b"]
+
+
+def test_pipeline_config_overrides_and_errors(tmp_path):
+    overrides = parse_set_overrides(["cross_silo.set.rounds=2", "corpus.speakers=12", "model=ctc_tiny"])
+    config = load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", overrides)
+    assert config["cross_silo"]["set"]["rounds"] == 2 and config["cross_silo"]["set"]["local_epochs"] == 2
+    assert config["corpus"]["speakers"] == 12 and config["model"] == "ctc_tiny"
+    with pytest.raises(PipelineError, match="unknown key"):
+        load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", {"rounds": 3})
+    with pytest.raises(PipelineError, match="not KEY=VALUE"):
+        parse_set_overrides(["rounds"])
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    assert flatten({"rounds": 2, "evaluation": {"test_decoding": "beam"}, "x": None}) == [
+        "rounds=2", 'evaluation.test_decoding="beam"', "x=null"]

@@ -1,0 +1,169 @@
+"""Aggregation of each strategy with mock replies: weights, mix, server lr, overflow safety, diverged clients."""
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.fl.strategies import UnknownStrategyError, build_strategy, mixed_weights, softmax_weights
+from fl_fakes import FakeGrid, reply, set_task_identity
+
+
+def client_reply(partition_id, value, *, examples=10, wer=0.5, loss=1.0, node=None):
+    arrays = numpy_to_arrayrecord({"w": np.full((2, 2), value, dtype=np.float32),
+                                   "frozen": np.array([3.0, 4.0], dtype=np.float32)})
+    metrics = MetricRecord({"num-examples": examples, "train-loss": loss, "wer": wer, "partition-id": partition_id,
+                            "word-errors": int(round(wer * 100)) if wer == wer else 0, "words": 100})
+    return reply(RecordDict({"arrays": arrays, "metrics": metrics}), node if node is not None else 500 + partition_id)
+
+
+def aggregate(strategy, replies, current=0.0):
+    strategy.current_arrays = {"w": np.full((2, 2), current, dtype=np.float32), "frozen": np.array([3.0, 4.0], dtype=np.float32)}
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    return (None if arrays is None else arrays_to_numpy(arrays)), metrics
+
+
+def test_softmax_weights_match_the_formula():
+    wers = np.array([0.1, 0.3, 0.6])
+    weights = softmax_weights(1 - wers, temperature=1.0)
+    expected = np.exp(1 - wers) / np.exp(1 - wers).sum()
+    np.testing.assert_allclose(weights, expected, rtol=1e-12)
+    assert weights.dtype == np.float64
+
+
+def test_softmax_does_not_overflow_with_wer_near_zero_and_small_temperature():
+    weights = softmax_weights(1 - np.array([0.0, 1e-9, 0.02, 1.0]), temperature=0.01)
+    assert np.isfinite(weights).all() and math.isclose(weights.sum(), 1.0)
+    assert weights[0] > weights[1] > weights[2] > weights[3] >= 0
+    # the unshifted version overflows: exp(100) is fine in float64, exp(1e5) is not
+    extreme = softmax_weights([1.0, 0.5], temperature=1e-5)
+    np.testing.assert_allclose(extreme, [1.0, 0.0], atol=1e-300)
+
+
+def test_mix_blends_softmax_with_example_weights():
+    scores, examples = [0.9, 0.5], [30, 10]
+    weights = mixed_weights(scores, examples, temperature=0.1, mix=0.25)
+    expected = 0.25 * softmax_weights(scores, 0.1) + 0.75 * np.array([0.75, 0.25])
+    np.testing.assert_allclose(weights, expected)
+    np.testing.assert_allclose(mixed_weights(scores, examples, 0.1, mix=0.0), [0.75, 0.25])
+    with pytest.raises(ValueError, match="mix"):
+        mixed_weights(scores, examples, 0.1, mix=1.5)
+
+
+def test_wer_softmax_aggregate_uses_client_wer_and_keeps_frozen_stats():
+    strategy = build_strategy("wer-softmax", {"temperature": 0.5}, num_clients=3)
+    replies = [client_reply(2, 3.0, wer=0.9), client_reply(0, 1.0, wer=0.1), client_reply(1, 2.0, wer=0.4)]
+    arrays, metrics = aggregate(strategy, replies)
+    w = softmax_weights(1 - np.array([0.1, 0.4, 0.9]), 0.5)  # partition order 0, 1, 2
+    np.testing.assert_allclose(arrays["w"], np.full((2, 2), w @ [1.0, 2.0, 3.0]), rtol=1e-6)
+    assert np.array_equal(arrays["frozen"], [3.0, 4.0])
+    assert strategy.last_clients == [0, 1, 2]
+    assert metrics["local-wer"] == pytest.approx((10 + 40 + 90) / 300)  # summed errors / summed words
+    assert metrics["max-weight"] == pytest.approx(w.max())
+
+
+def test_loss_softmax_favours_the_lower_loss():
+    strategy = build_strategy("loss-softmax", {"temperature": 1.0}, num_clients=2)
+    arrays, _ = aggregate(strategy, [client_reply(0, 0.0, loss=1.0), client_reply(1, 1.0, loss=3.0)])
+    w = softmax_weights([-1.0, -3.0], 1.0)
+    np.testing.assert_allclose(arrays["w"], w[1], rtol=1e-6)
+
+
+def test_fedavg_weights_are_example_counts():
+    strategy = build_strategy("fedavg", {}, num_clients=2)
+    arrays, metrics = aggregate(strategy, [client_reply(0, 0.0, examples=30, loss=1.0), client_reply(1, 4.0, examples=10, loss=2.0)])
+    np.testing.assert_allclose(arrays["w"], 1.0)
+    assert metrics["train-loss"] == pytest.approx((30 * 1.0 + 10 * 2.0) / 40)
+
+
+def test_server_learning_rate_moves_part_of_the_way():
+    strategy = build_strategy("fedavg", {"server_lr": 0.5}, num_clients=2)
+    arrays, _ = aggregate(strategy, [client_reply(0, 4.0), client_reply(1, 4.0)], current=2.0)
+    np.testing.assert_allclose(arrays["w"], 3.0)
+    assert np.array_equal(arrays["frozen"], [3.0, 4.0])
+
+
+def test_server_side_scoring_replaces_client_wer():
+    seen = []
+
+    def score_fn(arrays):
+        value = float(arrays["w"].numpy().mean())
+        seen.append(value)
+        return 0.0 if value == 2.0 else 1.0  # the model with w=2 is perfect on the server subset
+
+    strategy = build_strategy("wer-softmax", {"temperature": 0.01}, num_clients=2, score_fn=score_fn)
+    assert not strategy.wants_client_wer
+    arrays, _ = aggregate(strategy, [client_reply(0, 1.0, wer=0.0), client_reply(1, 2.0, wer=1.0)])
+    assert sorted(seen) == [1.0, 2.0]
+    np.testing.assert_allclose(arrays["w"], 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", ["arrays", "loss", "wer"])
+def test_a_client_reporting_nan_is_dropped_and_counted(bad):
+    strategy = build_strategy("wer-softmax", {"temperature": 0.01}, num_clients=3)
+    broken = client_reply(1, float("nan") if bad == "arrays" else 9.0,
+                          loss=float("nan") if bad == "loss" else 1.0, wer=float("nan") if bad == "wer" else 0.0)
+    arrays, metrics = aggregate(strategy, [client_reply(0, 1.0, wer=0.2), broken, client_reply(2, 1.0, wer=0.3)])
+    np.testing.assert_allclose(arrays["w"], 1.0, rtol=1e-6)
+    assert [pid for pid, _ in strategy.last_dropped] == [1]
+    assert metrics["dropped-clients"] == 1
+
+
+def test_all_clients_diverged_keeps_the_global_model():
+    strategy = build_strategy("wer-softmax", {}, num_clients=1, clients_per_round=1)
+    arrays, metrics = aggregate(strategy, [client_reply(0, float("inf"))])
+    assert arrays is None and metrics is None
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm", "fedprox"])
+def test_flower_strategies_by_name_drop_diverged_clients(name, monkeypatch):
+    set_task_identity(monkeypatch)
+    settings = {"proximal_mu": 0.1} if name == "fedprox" else {}
+    strategy = build_strategy(name, settings, num_clients=2)
+    start = numpy_to_arrayrecord({"w": np.zeros((2, 2), dtype=np.float32), "frozen": np.array([3.0, 4.0], dtype=np.float32)})
+    messages = list(strategy.configure_train(1, start, ConfigRecord({"lr": 0.1}), FakeGrid(2, None)))
+    assert len(messages) == 2
+    arrays, _ = strategy.aggregate_train(1, [client_reply(0, 1.0), client_reply(1, float("nan"))])
+    values = arrays_to_numpy(arrays)
+    assert np.isfinite(values["w"]).all() and (values["w"] > 0).all()
+    assert strategy.last_dropped[0][0] == 1
+
+
+def test_cross_device_sampling_size_and_client_wer_request(monkeypatch):
+    set_task_identity(monkeypatch)
+    strategy = build_strategy("wer-softmax", {"temperature": 0.05}, num_clients=50, clients_per_round=7)
+    config = ConfigRecord({"lr": 0.1})
+    start = numpy_to_arrayrecord({"w": np.zeros(1, dtype=np.float32)})
+    messages = list(strategy.configure_train(1, start, config, FakeGrid(50, None)))
+    assert len(messages) == 7 and len({m.metadata.dst_node_id for m in messages}) == 7
+    assert config["report-wer"] is True
+
+
+def test_unknown_names_and_settings_are_clear_errors():
+    with pytest.raises(UnknownStrategyError, match="wer-softmax"):
+        build_strategy("fedmagic", {}, num_clients=2)
+    with pytest.raises(UnknownStrategyError, match="temprature"):
+        build_strategy("wer-softmax", {"temprature": 0.1}, num_clients=2)
+    with pytest.raises(ValueError, match="clients_per_round"):
+        build_strategy("fedavg", {}, num_clients=2, clients_per_round=3)
+
+
+def test_fl_hparams_files_load_and_overrides_switch_strategy(tmp_path):
+    from fedasr.fl.config import FLConfigError, load_fl_config, parse_overrides
+
+    silo = load_fl_config("hparams/fl/cross_silo.yaml")
+    assert silo.mode == "cross-silo" and silo.clients_per_round is None and silo.strategy["name"] == "wer-softmax"
+    device = load_fl_config("hparams/fl/cross_device.yaml", parse_overrides(["strategy={name: fedadam, eta: 0.01}"]))
+    assert device.clients_per_round == 20 and device.strategy == {"name": "fedadam", "eta": 0.01}
+    tuned = load_fl_config("hparams/fl/cross_silo.yaml", parse_overrides(["strategy.temperature=1", "annealing.patience=2"]))
+    assert tuned.strategy["temperature"] == 1 and tuned.annealing.patience == 2
+    with pytest.raises(FLConfigError, match="unknown key"):
+        load_fl_config("hparams/fl/cross_silo.yaml", {"roundz": 3})
+    with pytest.raises(FLConfigError, match="mode must be one of"):
+        load_fl_config("hparams/fl/cross_silo.yaml", {"mode": "p2p"})
+    with pytest.raises(FLConfigError, match="KEY=VALUE"):
+        parse_overrides(["rounds"])
+    with pytest.raises(FLConfigError, match="not found"):
+        load_fl_config(tmp_path / "missing.yaml")

@@ -30,6 +30,7 @@ from typing import Callable
 import yaml
 
 from fedasr.experiment import RunId, run_dir, save_run_config
+from fedasr.utils.settings import deep_merge, parse_dotted_overrides
 from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,25 +53,10 @@ class StageFailed(RuntimeError):
 
 def parse_set_overrides(pairs: list[str] | None) -> dict:
     """``["partition.warmup_speakers=4", "model=ctc_tiny"]`` -> nested dict (values parsed as YAML scalars)."""
-    nested: dict = {}
-    for pair in pairs or []:
-        key, eq, raw = pair.partition("=")
-        if not eq or not key.strip():
-            raise PipelineError(f"override {pair!r} is not KEY=VALUE (e.g. --set cross_silo.set.rounds=2)")
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return nested
-
-
-def merge(base: dict, extra: dict) -> dict:
-    """``base`` updated by ``extra``, nested mappings merged key by key (inputs are not modified)."""
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
+    try:
+        return parse_dotted_overrides(pairs, example="--set cross_silo.set.rounds=2")
+    except ValueError as err:
+        raise PipelineError(str(err)) from None
 
 
 def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: dict | None = None) -> dict:
@@ -80,7 +66,7 @@ def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: di
         raise PipelineError(f"{path}: pipeline config not found; use hparams/pipeline/demo.yaml or commonvoice.yaml")
     with open(path, encoding="utf-8") as handle:
         config = yaml.safe_load(handle) or {}
-    config = merge(config, overrides or {})
+    config = deep_merge(config, overrides or {})
     unknown = sorted(set(config) - set(SECTIONS))
     if unknown:
         raise PipelineError(f"{path}: unknown key(s) {unknown} (after overrides); valid keys are {list(SECTIONS)}")

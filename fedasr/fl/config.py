@@ -11,8 +11,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
 from hyperpyyaml import load_hyperpyyaml
+
+from fedasr.utils.settings import deep_merge, parse_dotted_overrides
 
 MODES = ("cross-silo", "cross-device")
 WER_SOURCES = ("server", "client")
@@ -65,27 +66,10 @@ class FLConfig:
 
 def parse_overrides(pairs: list[str] | None) -> dict:
     """``["strategy.temperature=0.05", "rounds=3"]`` -> nested dict; values parsed as YAML scalars."""
-    nested: dict = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise FLConfigError(f"override {pair!r} is not KEY=VALUE (e.g. --set rounds=3 --set strategy.temperature=0.05)")
-        key, raw = pair.split("=", 1)
-        node = nested
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return nested
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+    try:
+        return parse_dotted_overrides(pairs, example="--set rounds=3 --set strategy.temperature=0.05")
+    except ValueError as err:
+        raise FLConfigError(str(err)) from None
 
 
 def load_fl_config(hparams: str | Path, overrides: dict | None = None) -> FLConfig:
@@ -99,7 +83,7 @@ def load_fl_config(hparams: str | Path, overrides: dict | None = None) -> FLConf
     new_strategy = (overrides.get("strategy") or {}).get("name")
     if new_strategy and new_strategy != (raw.get("strategy") or {}).get("name"):
         raw = {**raw, "strategy": {}}  # another strategy: the file's settings of the old one do not apply
-    raw = _merge(raw, overrides)
+    raw = deep_merge(raw, overrides)
     return config_from_dict(raw, source=str(path))
 
 

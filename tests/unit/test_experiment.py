@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedasr.utils.settings import deep_merge
 from fedasr.demo import (
-    Pipeline, PipelineError, Stage, flatten, load_pipeline_config, merge, parse_set_overrides, run_stages, stage_range,
+    Pipeline, PipelineError, Stage, flatten, load_pipeline_config, parse_set_overrides, run_stages, stage_range,
 )
 from fedasr.experiment import ExperimentPathError, RunId, read_run_id, run_dir, save_run_config
 
@@ -99,6 +100,6 @@ def test_pipeline_config_overrides_and_errors(tmp_path):
         load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", {"rounds": 3})
     with pytest.raises(PipelineError, match="not KEY=VALUE"):
         parse_set_overrides(["rounds"])
-    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
     assert flatten({"rounds": 2, "evaluation": {"test_decoding": "beam"}, "x": None}) == [
         "rounds=2", 'evaluation.test_decoding="beam"', "x=null"]

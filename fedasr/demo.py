@@ -301,7 +301,6 @@ class RoundWatcher(threading.Thread):
 
 def do_federate(layout: Layout, mode: str, echo) -> None:
     from fedasr.fl.config import load_fl_config, parse_overrides
-    from fedasr.report.round_log import write_round_logs
 
     section = layout.config[mode.replace("-", "_")]
     out = layout.run(mode)
@@ -323,8 +322,6 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
         raise StageFailed(f"{mode}: `fedasr federate` exited with {done.returncode}; log {log_path}:\n{tail}")
     resolved = read_json(out / "fl_config.json")
     save_run_config(out, layout.run_id(mode), resolved)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    write_round_logs(out, rows)
     evaluate_run_model(out, layout.run("warmup") / "seed_checkpoint", out / "final_model.pt",
                        layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"])
 

@@ -86,3 +86,10 @@ def weighted_average(arrays: list[Mapping[str, np.ndarray]], weights: np.ndarray
             total += float(weight) * item[key].astype(np.float64)
         averaged[key] = total.astype(first.dtype)
     return averaged
+
+
+def message_array_bytes(message) -> int:
+    """Bytes of the serialized arrays a Flower message carries (0 for an error reply): what travels per model."""
+    if message.has_error():
+        return 0
+    return sum(len(array.data) for record in message.content.array_records.values() for array in record.values())

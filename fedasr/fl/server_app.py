@@ -21,7 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedasr.fl.annealing import ClientLRAnnealer
-from fedasr.fl.arrays import arrayrecord_to_state, arrays_to_numpy, numpy_to_arrayrecord, state_to_arrayrecord
+from fedasr.fl.arrays import (
+    arrayrecord_to_state, arrays_to_numpy, message_array_bytes, numpy_to_arrayrecord, state_to_arrayrecord,
+)
 from fedasr.fl.checkpoint import (
     CheckpointError,
     ServerState,
@@ -36,6 +38,7 @@ from fedasr.fl.checkpoint import (
 )
 from fedasr.fl.config import FLConfig, config_from_json, import_system_class, strategy_name_and_settings
 from fedasr.fl.strategies import build_strategy
+from fedasr.report.round_log import write_round_logs
 from fedasr.utils.io import atomic_open, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
             _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
         row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
         history.append(row)
+        write_round_logs(out, history.rows)  # train_log.txt + TensorBoard, rebuilt from the rows
         save_server_state(out, ServerState(
             round=server_round, arrays=arrays_to_numpy(arrays), strategy=strategy_state(strategy),
             annealer=annealer.state_dict(), rng=capture_rng_state(), best_wer=best["wer"], best_round=best["round"],
@@ -215,6 +219,8 @@ def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -
     if new_arrays is not None:
         arrays = new_arrays
     row = {"round": server_round, "lr": lr, "sampled": len(messages),
+           "bytes_sent": sum(message_array_bytes(m) for m in messages),
+           "bytes_received": sum(message_array_bytes(r) for r in replies),
            "clients": list(getattr(strategy, "last_clients", [])),
            "dropped": [list(d) for d in getattr(strategy, "last_dropped", [])]}
     if getattr(strategy, "last_weights", None):

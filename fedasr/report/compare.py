@@ -5,8 +5,9 @@ A run folder is either a centralized run (``result.json`` from ``fedasr train-ce
 identity, fedasr.experiment) and ``eval/hyps.tsv`` (per-utterance test hypotheses with speaker and demographic
 fields, as ``fedasr evaluate`` writes them) for the per-speaker and per-group plots.
 
-Communication is counted from the run's records: bytes of the arrays that travel (floating-point tensors of the
-model) x messages (models sent to sampled clients; replies received).
+Communication comes from the run's records: the bytes of the arrays the server sent and received each round
+(``bytes_sent`` / ``bytes_received`` in metrics.jsonl); for runs recorded before those fields, the floating-point
+size of the saved model x messages (models sent to sampled clients; replies received).
 """
 
 from __future__ import annotations
@@ -129,17 +130,21 @@ def load_federated_run(folder: Path) -> RunRecord:
     run_id = read_run_id(folder)
     setting = run_id.setting if run_id else config["mode"]
     num_clients = int(resolved["num_clients"])
-    model_bytes = travelling_model_bytes(folder)
     rounds = [r for r in rows if r["round"] > 0]
-    sent = sum(int(r.get("sampled", len(r.get("clients", [])))) for r in rounds)
-    received = sum(len(r.get("clients", [])) + len(r.get("dropped", [])) for r in rounds)
+    if all("bytes_sent" in r for r in rounds):  # counted by the server from the arrays it sent and received
+        bytes_sent = sum(int(r["bytes_sent"]) for r in rounds)
+        bytes_received = sum(int(r["bytes_received"]) for r in rounds)
+    else:  # runs recorded before the server counted bytes: model size x messages
+        model_bytes = travelling_model_bytes(folder)
+        bytes_sent = model_bytes * sum(int(r.get("sampled", len(r.get("clients", [])))) for r in rounds)
+        bytes_received = model_bytes * sum(len(r.get("clients", [])) + len(r.get("dropped", [])) for r in rounds)
     tested = [r for r in rows if r.get("test_wer") is not None]
     return RunRecord(
         path=str(folder), name=_run_name(folder, setting), setting=setting, clients=num_clients,
         clients_per_round=int(config.get("clients_per_round") or num_clients), rounds=len(rounds),
         local_epochs=int(config["local_epochs"]), strategy=str(config["strategy"]["name"]),
         dev_wer=float(rows[-1]["dev_wer"]), test_wer=float(tested[-1]["test_wer"]) if tested else None,
-        bytes_sent=sent * model_bytes, bytes_received=received * model_bytes,
+        bytes_sent=bytes_sent, bytes_received=bytes_received,
         wall_seconds=sum(float(r.get("seconds", {}).get("round", 0.0)) for r in rounds),
         compute_seconds=sum(float(r.get("train_fit_seconds_sum", 0.0)) + float(r.get("seconds", {}).get("evaluate", 0.0))
                             for r in rounds),

@@ -75,10 +75,14 @@ def test_cross_silo_simulation_trains_the_global_model(cross_silo_run: Path):
     summary = json.loads((cross_silo_run / "summary.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(len(r["clients"]) == 4 for r in rows[1:])  # every silo trains every round
+    # Bytes counted from the arrays actually sent: 4 equal models out, 4 replies of the same arrays back.
+    assert all(r["bytes_sent"] > 0 and r["bytes_sent"] % 4 == 0 and r["bytes_received"] == r["bytes_sent"]
+               for r in rows[1:])
     losses = [r["train_loss"] for r in rows[1:]]
     assert losses[0] > losses[1] > losses[2]
     assert all(0.0 <= r["dev_wer"] < 10 for r in rows) and summary["finished"]
     assert "test_wer" in rows[0] and "test_wer" in rows[-1]
+    assert (cross_silo_run / "train_log.txt").read_text().count("round:") == 4  # SpeechBrain-style, rounds 0-3
     best = torch.load(cross_silo_run / "best_model.pt")
     assert best["dev_wer"] == summary["best_dev_wer"]
 

@@ -91,6 +91,16 @@ def test_table_values_match_the_run_files(runs, tmp_path):
     assert "| cross-silo | cross-silo | 4 | 4 | 2 | 5 | wer-softmax | 40.00 | 35.00 | 1.400 |" in markdown
 
 
+def test_bytes_counted_by_the_server_are_used_when_recorded(runs, tmp_path):
+    silo = runs[1]
+    rows = [json.loads(line) for line in (silo / "metrics.jsonl").read_text().splitlines()]
+    for row, (sent, received) in zip(rows[1:], [(1000, 700), (1000, 1000)]):
+        row.update(bytes_sent=sent, bytes_received=received)
+    (silo / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = compare_runs(runs, tmp_path / "report")["rows"][1]
+    assert record["bytes_sent"] == 2000 and record["bytes_received"] == 1700
+
+
 def test_plots_are_written_and_non_empty(runs, tmp_path):
     summary = compare_runs(runs, tmp_path / "report")
     names = sorted(Path(p).name for p in summary["plots"])

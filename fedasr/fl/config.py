@@ -75,16 +75,31 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 def load_fl_config(hparams: str | Path, overrides: dict | None = None) -> FLConfig:
     """Read hparams/fl/*.yaml, apply ``overrides`` (nested dict), check every key and value."""
     path = Path(hparams)
+    raw = overlay(_read_settings_file(path), overrides or {})
+    return config_from_dict(raw, source=str(path))
+
+
+def overlay(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in; naming another strategy drops the base's settings of the old one."""
+    new_strategy = (extra.get("strategy") or {}).get("name")
+    if new_strategy and new_strategy != (base.get("strategy") or {}).get("name"):
+        base = {**base, "strategy": {}}
+    return deep_merge(base, extra)
+
+
+def _read_settings_file(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """One hparams/fl file; ``extends: other.yaml`` (relative to it) overlays it on another file."""
     if not path.exists():
-        raise FLConfigError(f"{path}: federated hparams file not found. Use one of hparams/fl/*.yaml.")
+        source = f" (extended by {chain[-1]})" if chain else ""
+        raise FLConfigError(f"{path}: federated hparams file not found{source}. Use one of hparams/fl/*.yaml.")
+    if path.resolve() in chain:
+        raise FLConfigError(f"{path}: 'extends' forms a cycle through {[str(p) for p in chain]}.")
     with open(path, encoding="utf-8") as handle:
         raw = load_hyperpyyaml(handle) or {}
-    overrides = overrides or {}
-    new_strategy = (overrides.get("strategy") or {}).get("name")
-    if new_strategy and new_strategy != (raw.get("strategy") or {}).get("name"):
-        raw = {**raw, "strategy": {}}  # another strategy: the file's settings of the old one do not apply
-    raw = deep_merge(raw, overrides)
-    return config_from_dict(raw, source=str(path))
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return overlay(_read_settings_file(path.parent / str(parent), chain + (path.resolve(),)), raw)
 
 
 def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:

@@ -167,3 +167,22 @@ def test_fl_hparams_files_load_and_overrides_switch_strategy(tmp_path):
         parse_overrides(["rounds"])
     with pytest.raises(FLConfigError, match="not found"):
         load_fl_config(tmp_path / "missing.yaml")
+
+
+def test_fl_hparams_extends_overlays_a_base_file(tmp_path):
+    from fedasr.fl.config import FLConfigError, load_fl_config
+
+    silo = load_fl_config("hparams/fl/cross_silo.yaml")
+    device = load_fl_config("hparams/fl/cross_device.yaml")
+    # cross_device.yaml holds only what differs; the rest (nested keys included) comes from cross_silo.yaml.
+    assert device.mode == "cross-device" and device.rounds == 50 and device.annealing.patience == 2
+    assert device.annealing.factor == silo.annealing.factor and device.lr == silo.lr
+    assert device.evaluation.server_wer_utterances == 50
+    assert device.evaluation.test_decoding == silo.evaluation.test_decoding and device.strategy == silo.strategy
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(FLConfigError, match="cycle"):
+        load_fl_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(FLConfigError, match="extended by"):
+        load_fl_config(tmp_path / "c.yaml")

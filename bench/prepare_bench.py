@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000, help="TSV rows in all splits (default 100000)")
     parser.add_argument("--workers", type=int, default=None, help="header-reading processes (default: all cores)")
-    parser.add_argument("--source-clips", type=int, default=6, help="distinct real mp3 files behind the links")
+    parser.add_argument("--source-clips", type=int, default=None,
+                        help="distinct real mp3 files behind the links (default: 6, more past 300,000 rows: a file "
+                             "takes at most 65,000 hard links on ext4)")
     parser.add_argument("--work-dir", default=None, help="folder to build in (default: a temporary folder, removed)")
     args = parser.parse_args(argv)
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if (work / "cv").exists():
             raise SystemExit(f"{work / 'cv'} exists: pass an empty --work-dir")
         started = time.perf_counter()
-        sources = make_source_clips(work / "sources", args.source_clips)
+        sources = make_source_clips(work / "sources", args.source_clips or max(6, -(-args.rows // 50_000)))
         build_release(work / "cv", args.rows, sources)
         build_seconds = time.perf_counter() - started
 

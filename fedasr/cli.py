@@ -7,8 +7,10 @@ library modules are imported inside ``run`` so ``fedasr --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 
 
@@ -174,13 +176,20 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.fl.config import parse_overrides
-        from fedasr.fl.simulation import federate, summary_line
+        from fedasr.fl.simulation import SimulationError, federate, summary_line
 
-        summary = federate(
-            args.hparams, mode=args.mode, partition=args.partition, seed_checkpoint=args.seed_checkpoint,
-            output_dir=args.output_dir, overrides=parse_overrides(args.overrides), dev_manifest=args.dev,
-            test_manifest=args.test, resume=args.resume, stop_after_round=args.stop_after_round,
-        )
+        try:
+            summary = federate(
+                args.hparams, mode=args.mode, partition=args.partition, seed_checkpoint=args.seed_checkpoint,
+                output_dir=args.output_dir, overrides=parse_overrides(args.overrides), dev_manifest=args.dev,
+                test_manifest=args.test, resume=args.resume, stop_after_round=args.stop_after_round,
+            )
+        except SimulationError as err:
+            # Flower's ServerApp thread can outlive a crashed engine, waiting for replies up to round_timeout:
+            # report and leave now instead of hanging (measured: Ray failing to start under load hung the CLI).
+            print(f"fedasr federate: error: {err}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(3)
         print(summary_line(summary))
         return 0
 
@@ -235,6 +244,27 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _add_dp_epsilon(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dp-epsilon", help="epsilon of client-level DP for a noise multiplier, rounds and sampling rate "
+                       "(RDP accountant; no training)")
+    p.add_argument("--noise", type=float, required=True, help="noise multiplier z (privacy.noise_multiplier)")
+    p.add_argument("--rounds", type=int, required=True, help="number of rounds (releases)")
+    p.add_argument("--sampling-rate", type=float, default=1.0, help="clients_per_round / clients (default 1)")
+    p.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5; must be < 1 / clients)")
+    p.add_argument("--accounting", choices=["poisson", "no-amplification"], default="poisson")
+
+    def run(args: argparse.Namespace) -> int:
+        from fedasr.fl.privacy import dp_epsilon
+
+        epsilon = dp_epsilon(args.noise, args.rounds, args.sampling_rate, args.delta, args.accounting)
+        print(json.dumps({"epsilon": epsilon if epsilon != float("inf") else None, "delta": args.delta,
+                          "noise_multiplier": args.noise, "rounds": args.rounds,
+                          "sampling_rate": args.sampling_rate, "accounting": args.accounting}))
+        return 0
+
+    p.set_defaults(run=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedasr", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -245,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_synth, _add_prepare, _add_partition, _add_train_central, _add_evaluate, _add_federate,
-                _add_demo, _add_compare):
+                _add_demo, _add_compare, _add_dp_epsilon):
         add(sub)
     return parser
 
@@ -261,13 +291,24 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    from fedasr.utils.preflight import OutputFolderError
+
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
+    except (ValueError, FileNotFoundError, PermissionError, OutputFolderError) as err:
         # Input errors carry a message naming the file, the row and the fix: show it, not a stack trace.
         if args.verbose:
             raise
         print(f"fedasr {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if args.verbose or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # Writes are atomic: the files being written were dropped, finished ones and checkpoints are intact.
+        print(f"fedasr {args.command}: error: disk full while writing {err.filename or 'an output file'} ({err}). "
+              "Free some space and run it again: train-central and the pipeline resume from their last checkpoint, "
+              "federate with --resume.",
+              file=sys.stderr)
         return 2
 
 

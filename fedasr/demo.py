@@ -29,9 +29,11 @@ from typing import Callable
 
 import yaml
 
+from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
 from fedasr.experiment import RunId, run_dir, save_run_config
 from fedasr.utils.settings import deep_merge, parse_dotted_overrides
 from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
+from fedasr.utils.preflight import check_writable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "hparams" / "pipeline" / "demo.yaml"
@@ -286,11 +288,9 @@ class RoundWatcher(threading.Thread):
         self.poll()
 
     def poll(self) -> None:
-        if not self.metrics.exists():
-            return
         try:
-            rows = [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, ValueError):
+            rows = read_metrics_rows(self.metrics)
+        except (OSError, ValueError):  # progress lines only: the run itself reports a damaged file
             return
         for row in rows[self.seen:]:
             took = row.get("seconds", {}).get("round")
@@ -307,7 +307,7 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
     out.mkdir(parents=True, exist_ok=True)
     config = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
     command = federate_command(layout, mode)
-    watcher = RoundWatcher(out / "metrics.jsonl", mode, config.rounds, echo)
+    watcher = RoundWatcher(out / METRICS_FILE, mode, config.rounds, echo)
     watcher.start()
     log_path = out / "federate.log"
     try:
@@ -386,7 +386,7 @@ def run_pipeline(out: str | os.PathLike, *, config_file: str | os.PathLike = DEF
     """Run (or resume) the pipeline into ``out``; returns {"states", "report", "seconds"}."""
     config = load_pipeline_config(config_file, overrides)
     pipeline = build_pipeline(out, config, corpus=corpus, echo=echo)
-    pipeline.out.mkdir(parents=True, exist_ok=True)
+    check_writable(pipeline.out, what="pipeline folder")
     atomic_write_text(pipeline.out / "pipeline.yaml", yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
     started = time.perf_counter()
     states = run_stages(pipeline, start, stop)

@@ -7,6 +7,7 @@ Fixtures (all session-scoped, built lazily the first time a test asks for them):
 - ``prepared_manifests``: ``train.csv``, ``dev.csv``, ``test.csv`` made from it by ``prepare_common_voice``.
 - ``cross_silo_partition``: :data:`FIXTURE_WARMUP_SPEAKERS` warm-up speakers + :data:`FIXTURE_SILOS` silos.
 - ``cross_device_partition``: the same warm-up speakers + one client per remaining train speaker.
+- ``central_seed_checkpoint``: the tiny model after :data:`FIXTURE_SEED_EPOCHS` epochs on all train speakers.
 
 The partition fixtures return the partition folder; ``fedasr.data.partition.load_partition(path)`` reads it.
 """
@@ -21,6 +22,7 @@ import pytest
 FIXTURE_CORPUS = {"lang": "fr", "speakers": 16, "utterances_per_speaker": 12, "seed": 0}
 FIXTURE_WARMUP_SPEAKERS = 4
 FIXTURE_SILOS = 4
+FIXTURE_SEED_EPOCHS = 6
 
 TEST_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -29,6 +31,7 @@ TEST_ENVIRONMENT = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # Ray binds 127.0.0.1 only
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
+    "FEDASR_ENERGY": "0",  # no codecarbon tracker per training run (tests/unit/test_compare.py and the demo test measure)
 }
 
 
@@ -88,12 +91,16 @@ def cross_device_partition(prepared_manifests: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="session")
 def central_seed_checkpoint(prepared_manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seed checkpoint of the tiny model trained centrally on all train speakers (12 epochs): a model that already
-    works, for federated tests (a 4-speaker warm-up alone stays near 100 % dev WER in a CI-sized budget)."""
+    """Seed checkpoint of the tiny model trained centrally on all train speakers for :data:`FIXTURE_SEED_EPOCHS`
+    epochs: a model that decodes but is far from converged, so federated tests can assert that the rounds lower
+    the global dev WER (measured: dev 98.5 % -> 63.7 % after 3 cross-silo rounds at lr 0.5). A converged seed
+    would not do: its dev WER is the minimum over epochs of a 24-utterance dev set, which later rounds regress from.
+    """
     from fedasr.models.train import train_central
 
     out = tmp_path_factory.mktemp("central_seed")
     repo = Path(__file__).resolve().parents[1]
     result = train_central(repo / "hparams" / "CommonVoice" / "synth.yaml",
-                           [f"--manifest_folder={prepared_manifests}", f"--output_folder={out}", "--number_of_epochs=12"])
+                           [f"--manifest_folder={prepared_manifests}", f"--output_folder={out}",
+                            f"--number_of_epochs={FIXTURE_SEED_EPOCHS}"])
     return Path(result["seed_checkpoint"])

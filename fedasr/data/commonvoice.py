@@ -10,10 +10,17 @@ results come back in TSV order and are written straight to the manifest.
 
 Each skipped row gets the first reason that applies, checked in this order:
 ``malformed_row`` (wrong number of fields), ``undecodable_row`` (not UTF-8), ``empty_transcript`` (nothing
-left after normalisation), ``contains_digits``, ``too_few_words``, ``too_many_words``, ``missing_clip``,
-``empty_clip`` (0 bytes), ``unreadable_clip`` (not decodable audio), ``too_short``, ``too_long``, and last
-``duplicate_clip`` (a row that passed everything but whose clip is already in this split's manifest).
-Every skipped row is named in ``out_dir/skipped.tsv`` (split, line, clip, reason) and counted in the report.
+left after normalisation), ``wrong_script`` (letters outside the language's script, e.g. Cyrillic in a French
+release), ``contains_digits``, ``too_few_words``, ``too_many_words``, ``missing_clip``, ``empty_clip`` (0 bytes),
+``unreadable_clip`` (not decodable audio), ``truncated_clip`` (an mp3 shorter than its own header says: a
+partial download; its header duration would be wrong and its audio would miss the end of the sentence),
+``too_short``, ``too_long``, and last ``duplicate_clip`` (a row that passed everything but whose clip is already
+in this split's manifest). Every skipped row is named in ``out_dir/skipped.tsv`` (split, line, clip, reason) and
+counted in the report.
+
+Clips that are not 48 kHz mono (Common Voice's format) are kept: training down-mixes and resamples them when it
+loads them (fedasr.models.dataio). The report counts the audio formats of the kept clips per split
+(``audio_formats``, e.g. ``{"48000 Hz, 1 ch": 950, "16000 Hz, 2 ch": 3}``) and logs a warning when some differ.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ import soundfile
 from fedasr.data.manifest import Utterance, manifest_path, write_manifest
 from fedasr.data.normalize import Normalizer, contains_digits, get_normalizer
 from fedasr.utils.io import atomic_open, atomic_write_json, done_marker, is_done, mark_done, read_json
+from fedasr.utils.preflight import check_writable
 
 logger = logging.getLogger(__name__)
 
 STAGE = "prepare_commonvoice"
-FORMAT_VERSION = 1  # bump when the output of the same inputs and options changes
+FORMAT_VERSION = 2  # bump when the output of the same inputs and options changes
 REPORT_NAME = "prepare_report.json"
 SKIPPED_LOG_NAME = "skipped.tsv"
 REQUIRED_COLUMNS = ("client_id", "path", "sentence")
@@ -46,17 +54,21 @@ ACCENT_COLUMNS = ("accents", "accent")  # new releases, old releases
 CHUNK_ROWS = 1000  # rows sent to a worker at a time
 TSV_BYTES_PER_ROW = 150  # a rough size of a Common Voice TSV row, to estimate a corpus' size
 MAX_LOGGED_MALFORMED = 20  # per TSV; all of them are in skipped.tsv anyway
+COMMON_VOICE_FORMAT = "48000 Hz, 1 ch"
+MP3_TRUNCATION_TOLERANCE = 0.99  # a complete mp3 is at least as long as its Xing/Info header's byte count
 
 SKIP_REASONS = (
     "malformed_row",
     "undecodable_row",
     "empty_transcript",
+    "wrong_script",
     "contains_digits",
     "too_few_words",
     "too_many_words",
     "missing_clip",
     "empty_clip",
     "unreadable_clip",
+    "truncated_clip",
     "too_short",
     "too_long",
     "duplicate_clip",
@@ -97,8 +109,8 @@ class TsvLayout:
 
 # A row as sent to a worker: (line number, client_id, clip path, sentence, gender, age, accents).
 RawRow = tuple[int, str, str, str, str, str, str]
-# A worker's answer: (line number, clip name, skip reason or None, Utterance or None).
-RowResult = tuple[int, str, "str | None", "Utterance | None"]
+# A worker's answer: (line number, clip name, skip reason or None, Utterance or None, audio format or "").
+RowResult = tuple[int, str, "str | None", "Utterance | None", str]
 
 
 # ---------------------------------------------------------------- reading TSVs
@@ -192,17 +204,45 @@ def resolve_clip(clips_dir: str, clip: str) -> str:
     return path
 
 
-def read_duration(path: str) -> tuple[float | None, str | None]:
-    """(duration in seconds, None) from the audio header, or (None, reason) for a missing/empty/corrupt clip."""
+def read_duration(path: str) -> tuple[float | None, str | None, str]:
+    """(duration in seconds, None, audio format) from the audio header, or (None, reason, "") for a missing,
+    empty, corrupt or truncated clip. The format reads like "48000 Hz, 1 ch"."""
     try:
         # What soundfile.info reads, without its extra format strings and log text (~25 % faster).
         with soundfile.SoundFile(path) as audio:
-            frames, samplerate = audio.frames, audio.samplerate
+            frames, samplerate, channels, container = audio.frames, audio.samplerate, audio.channels, audio.format
     except Exception:  # libsndfile raises several types for missing or corrupt files: find out which
-        return None, _unreadable_reason(path)
+        return None, _unreadable_reason(path), ""
     if samplerate <= 0 or frames <= 0:
-        return None, "unreadable_clip"
-    return frames / samplerate, None
+        return None, "unreadable_clip", ""
+    if container == "MP3" and mp3_is_truncated(path):
+        return None, "truncated_clip", ""
+    return frames / samplerate, None, f"{samplerate} Hz, {channels} ch"
+
+
+def mp3_is_truncated(path: str) -> bool:
+    """True when the file is shorter than the stream size in its Xing/Info header (written by LAME, ffmpeg...).
+
+    The header is also where the duration comes from, so a partial download would otherwise pass with the full
+    clip's duration. Reads only the first frame; an mp3 without that header cannot be checked and passes.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # skip an ID3v2 tag (its size is 4 x 7-bit "syncsafe" bytes)
+            start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
+        handle.seek(start)
+        frame = handle.read(64)
+        size = os.fstat(handle.fileno()).st_size
+    tag = max(frame.find(b"Xing"), frame.find(b"Info"))
+    if tag < 0 or len(frame) < tag + 8:
+        return False
+    flags = int.from_bytes(frame[tag + 4: tag + 8], "big")
+    field = tag + 8 + (4 if flags & 1 else 0)  # the frame count comes first when present
+    if not flags & 2 or len(frame) < field + 4:
+        return False
+    declared = int.from_bytes(frame[field: field + 4], "big")
+    return size < declared * MP3_TRUNCATION_TOLERANCE
 
 
 def _unreadable_reason(path: str) -> str:
@@ -215,10 +255,12 @@ def _unreadable_reason(path: str) -> str:
     return "empty_clip" if size == 0 else "unreadable_clip"
 
 
-def text_skip_reason(words: str, filters: RowFilters) -> str | None:
+def text_skip_reason(words: str, filters: RowFilters, normalizer: Normalizer) -> str | None:
     """Why a normalised transcript is dropped, or None to keep it."""
     if not words:
         return "empty_transcript"
+    if normalizer.foreign_letters(words):
+        return "wrong_script"
     if not filters.keep_digits and contains_digits(words):
         return "contains_digits"
     n_words = words.count(" ") + 1
@@ -241,15 +283,15 @@ def process_row(row: RawRow, clips_dir: str, normalizer: Normalizer, filters: Ro
     """Normalise, read the audio header and filter one row."""
     line_no, client_id, clip, sentence, gender, age, accents = row
     words = normalizer(sentence)
-    reason = text_skip_reason(words, filters)
+    reason = text_skip_reason(words, filters, normalizer)
     if reason:
-        return line_no, clip, reason, None
+        return line_no, clip, reason, None, ""
     path = resolve_clip(clips_dir, clip)
-    duration, reason = read_duration(path)
+    duration, reason, audio_format = read_duration(path)
     if reason is None:
         reason = duration_skip_reason(duration, filters)
     if reason:
-        return line_no, clip, reason, None
+        return line_no, clip, reason, None, ""
     utt = Utterance(
         ID=os.path.splitext(os.path.basename(path))[0],
         duration=duration,
@@ -260,7 +302,7 @@ def process_row(row: RawRow, clips_dir: str, normalizer: Normalizer, filters: Ro
         age=age,
         accents=accents,
     )
-    return line_no, clip, None, utt
+    return line_no, clip, None, utt, audio_format
 
 
 def process_chunk(chunk: list[RawRow], clips_dir: str, normalizer: Normalizer, filters: RowFilters) -> list[RowResult]:
@@ -295,6 +337,7 @@ class SplitStats:
     seconds_kept: float = 0.0
     skipped: Counter = field(default_factory=Counter)
     speakers: set[str] = field(default_factory=set)
+    audio_formats: Counter = field(default_factory=Counter)  # of the kept clips
 
     def as_report(self) -> dict:
         return {
@@ -304,6 +347,7 @@ class SplitStats:
             "speakers_kept": len(self.speakers),
             "skipped": {reason: self.skipped[reason] for reason in SKIP_REASONS if self.skipped[reason]},
             "skipped_total": sum(self.skipped.values()),
+            "audio_formats": dict(self.audio_formats.most_common()),
         }
 
 
@@ -327,7 +371,7 @@ def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped
     def kept_utterances() -> Iterator[Utterance]:
         for chunk in results_of(_chunks(iter_tsv_rows(tsv_path, parse_skips), CHUNK_ROWS)):
             flush_parse_skips()
-            for line_no, clip, reason, utt in chunk:
+            for line_no, clip, reason, utt, audio_format in chunk:
                 stats.rows_read += 1
                 if reason is None and utt.ID in seen_ids:
                     reason = "duplicate_clip"
@@ -338,6 +382,7 @@ def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped
                 stats.kept += 1
                 stats.seconds_kept += utt.duration
                 stats.speakers.add(utt.spk_id)
+                stats.audio_formats[audio_format] += 1
                 yield utt
         flush_parse_skips()
 
@@ -447,7 +492,7 @@ def prepare_common_voice(
         logger.info("%s: manifests up to date (same inputs and options); nothing to do", out_dir)
         return {**read_json(out_dir / REPORT_NAME), "status": "up_to_date"}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, 4 * sum(p.stat().st_size for p in tsvs.values()), what="manifest folder")  # before any work
     done_marker(out_dir, STAGE).unlink(missing_ok=True)  # outputs are about to change
     n_workers = workers if workers is not None else _default_workers(tsvs)
     if n_workers < 1:
@@ -476,6 +521,13 @@ def prepare_common_voice(
         logger.warning(
             "%d speaker(s) appear in more than one split (kept; Common Voice splits should be speaker-disjoint)",
             report["speakers_in_several_splits"],
+        )
+    other_formats = {split: {f: n for f, n in s.audio_formats.items() if f != COMMON_VOICE_FORMAT}
+                     for split, s in stats.items()}
+    if any(other_formats.values()):
+        logger.warning(
+            "clips that are not %s (kept; training down-mixes and resamples them): %s",
+            COMMON_VOICE_FORMAT, {split: f for split, f in other_formats.items() if f},
         )
     if report["skipped_total"]:
         logger.info("%d row(s) skipped; see %s", report["skipped_total"], report["skipped_log"])

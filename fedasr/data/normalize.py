@@ -26,10 +26,16 @@ Hyphens anywhere else (dashes, leading or trailing hyphens) are punctuation and 
 
 Digits are kept by the normaliser; :func:`contains_digits` lets the caller drop such sentences (their spoken
 form is ambiguous).
+
+Script: fr, it, en, de and es are written in the Latin script. :meth:`Normalizer.foreign_letters` returns the
+letters of a normalised sentence that are not Latin (a Russian or Chinese sentence in a French release, a
+Greek letter), so the caller can skip it instead of teaching the tokenizer symbols the language does not use.
+The generic normaliser has no script rule.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import asdict, dataclass
@@ -64,6 +70,7 @@ class NormalizerRules:
     keep_intraword_hyphen: bool
     keep_word_final_apostrophe: bool = False
     reattach_french_elision: bool = False
+    script: str | None = "LATIN"  # Unicode script of the letters (the prefix of their Unicode names); None: any
 
 
 LANGUAGE_RULES: dict[str, NormalizerRules] = {
@@ -73,7 +80,10 @@ LANGUAGE_RULES: dict[str, NormalizerRules] = {
     "de": NormalizerRules(keep_intraword_hyphen=True),
     "es": NormalizerRules(keep_intraword_hyphen=False),
 }
-GENERIC_RULES = NormalizerRules(keep_intraword_hyphen=False)
+GENERIC_RULES = NormalizerRules(keep_intraword_hyphen=False, script=None)
+# Letters used in Latin-script text whose Unicode names do not start with "LATIN": Spanish/Italian ordinal
+# indicators ("1ª", "nº").
+_LATIN_EXTRAS = frozenset("ªº")
 SUPPORTED_LANGUAGES = tuple(sorted(LANGUAGE_RULES))
 
 
@@ -90,6 +100,14 @@ def strip_accents(text: str) -> str:
 def contains_digits(text: str) -> bool:
     """True when the text holds any decimal digit (any script)."""
     return _DIGIT.search(text) is not None
+
+
+@functools.lru_cache(maxsize=4096)
+def _letter_in_script(char: str, script: str) -> bool:
+    """True for a non-letter, or a letter of ``script``."""
+    if not unicodedata.category(char).startswith("L") or char in _LATIN_EXTRAS:
+        return True
+    return unicodedata.name(char, "").startswith(script)
 
 
 def normalize_text(text: str, rules: NormalizerRules, *, remove_accents: bool = False) -> str:
@@ -120,6 +138,13 @@ class Normalizer:
 
     def __call__(self, text: str) -> str:
         return normalize_text(text, self.rules, remove_accents=self.strip_accents)
+
+    def foreign_letters(self, text: str) -> str:
+        """The letters of ``text`` outside the language's script, sorted ("" when all fit, or with no rule)."""
+        script = self.rules.script
+        if script is None or text.isascii():
+            return ""
+        return "".join(sorted({c for c in text if not _letter_in_script(c, script)}))
 
     def settings(self) -> dict:
         """The settings that determine the output (for reports and fingerprints)."""

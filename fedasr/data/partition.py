@@ -9,7 +9,8 @@ Three modes (the reference paper's settings plus a control):
 - ``iid``: the same non-warm-up utterances shuffled into K clients of equal size (speakers are shared).
 
 The warm-up speakers depend on the seed only, so every mode of one seed shares the same warm-up set; they never
-appear in a client. Every client keeps ``round(valid_fraction * n)`` of its own utterances (at least 1, and at
+appear in a client. A partition that would leave no client with data is an error (nothing is written). Every
+client keeps ``round(valid_fraction * n)`` of its own utterances (at least 1, and at
 least 1 left for training) as a local validation slice; a client with a single utterance cannot have both and is
 excluded (counted under ``excluded``).
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from fedasr.data.manifest import Utterance, manifest_path, read_manifest, write_manifest
 from fedasr.utils.io import atomic_open, atomic_write_json, done_marker, is_done, mark_done, read_json
+from fedasr.utils.preflight import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -379,6 +381,7 @@ def partition_manifest(
         log.info("%s already holds this partition; nothing to do", out)
         return _result(partition, started, skipped=True)
 
+    check_writable(out, 4 * source.stat().st_size, what="partition folder")  # before any work
     utterances = read_manifest(source)
     if not utterances:
         raise PartitionError(f"{source}: the train manifest has no rows. Re-create it with `fedasr prepare`.")
@@ -386,6 +389,13 @@ def partition_manifest(
         utterances, mode=mode, clients=clients, warmup_speakers=warmup_speakers,
         min_utterances=min_utterances, valid_fraction=valid_fraction, seed=seed,
     )
+    if not plan.clients:
+        raise PartitionError(
+            f"{source}: no client is left with data ({len(utterances)} utterances, {len(plan.warmup_speakers)} "
+            f"warm-up speakers; excluded: {plan.excluded or 'none'}). Every client needs at least 2 utterances "
+            "(one to train on, one to validate on): use fewer --warmup-speakers, a lower --min-utterances, or a "
+            "train manifest with more speakers."
+        )
     _clear_previous(out)
     entries = _write_files(out, utterances, plan)
     partition = {

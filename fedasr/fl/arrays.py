@@ -7,7 +7,7 @@ keeps its own copy from the seed model.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
@@ -71,21 +71,112 @@ def all_finite(record: ArrayRecord) -> bool:
     return all(np.isfinite(array.numpy()).all() for array in record.values())
 
 
-def weighted_average(arrays: list[Mapping[str, np.ndarray]], weights: np.ndarray) -> dict[str, np.ndarray]:
-    """sum_k w_k * x_k computed in float64 per key, returned in each key's original dtype.
+def weighted_average(inputs: Iterable[Mapping[str, np.ndarray | Array]], weights) -> dict[str, np.ndarray]:
+    """sum_k w_k * x_k, streamed: one float64 buffer per key, inputs consumed one at a time.
 
-    ``weights`` must be non-negative and sum to 1; a key identical in every input (frozen statistics) comes
-    back bit-identical.
+    Why streamed: a server aggregating K replies of the ~150 M-parameter CRDNN must not hold K converted copies
+    (K x 600 MB). ``inputs`` may be a generator; each input's values (numpy arrays or Flower ``Array``s, the
+    latter converted here one array at a time) are added to the running sum and released before the next input
+    is read, so the extra memory is one float64 buffer per key (2x the fp32 model) plus one array. The sum is
+    float64, not float32: a key identical in every input (frozen statistics) then comes back bit-identical and
+    the result does not depend on how many clients took part. ``weights`` (non-negative, summing to 1) must be
+    known before the sum starts; results come back in each key's original dtype.
     """
-    if len(arrays) != len(weights) or not arrays:
-        raise ValueError(f"weighted_average needs one weight per input, got {len(arrays)} inputs, {len(weights)} weights")
-    averaged = {}
-    for key, first in arrays[0].items():
-        total = np.zeros(first.shape, dtype=np.float64)
-        for weight, item in zip(weights, arrays):
-            total += float(weight) * item[key].astype(np.float64)
-        averaged[key] = total.astype(first.dtype)
-    return averaged
+    weights = np.asarray(weights, dtype=np.float64)
+    totals: dict[str, np.ndarray] = {}
+    dtypes: dict[str, np.dtype] = {}
+    count = 0
+    for item in inputs:  # not enumerate(): its cached result tuple would keep the previous input alive
+        count += 1
+        if count > len(weights):
+            raise ValueError(f"weighted_average needs one weight per input: more than {len(weights)} inputs")
+        if count == 1:
+            dtypes = {key: np.dtype(value.dtype) for key, value in item.items()}
+            totals = {key: np.zeros(tuple(value.shape), dtype=np.float64) for key, value in item.items()}
+        elif set(item.keys()) != set(totals):
+            raise ArrayMismatchError(f"input {count} of the weighted average holds other keys than input 1: "
+                                     f"{sorted(set(item.keys()) ^ set(totals))[:5]}")
+        weight = float(weights[count - 1])
+        for key in totals:
+            value = _as_numpy(item[key])
+            if value.shape != totals[key].shape:
+                raise ArrayMismatchError(f"input {count}: array {key!r} has shape {value.shape}, input 1 had "
+                                         f"{totals[key].shape}")
+            totals[key] += np.multiply(value, weight, dtype=np.float64)  # float64 product, one array at a time
+            del value
+        del item  # released before the next input is read
+    if count != len(weights) or count == 0:
+        raise ValueError(f"weighted_average needs one weight per input, got {count} inputs, {len(weights)} weights")
+    return {key: totals.pop(key).astype(dtypes[key]) for key in list(totals)}  # each buffer freed once cast
+
+
+def _as_numpy(value: np.ndarray | Array) -> np.ndarray:
+    return value if isinstance(value, np.ndarray) else value.numpy()
+
+
+# Reply arrays encoded as an update in half precision travel with this stype (raw little-endian 16-bit words of
+# x_client - x_global; dtype "float16" or "bfloat16"). Flower's own Array.numpy() refuses the stype, so an encoded
+# array can never be averaged by mistake as if it were weights.
+UPDATE_STYPE = "fedasr.update"
+_HALF = {"fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
+
+
+def encode_update(record: ArrayRecord, sent: ArrayRecord, encoding: str) -> ArrayRecord:
+    """A client's reply arrays in ``encoding`` (``fp32``: unchanged; ``fp16`` / ``bf16``: half the bytes).
+
+    Half precision carries the update x_client - x_global, not the weights: weights near 1 have a fp16 step of
+    ~1e-3 (bf16: ~8e-3) that would swallow a small SGD step, while the update keeps its own relative precision
+    (~5e-4 in fp16, ~4e-3 in bf16). Arrays equal to the global ones (frozen statistics) encode as exact zeros and
+    decode bit-identical. An update beyond fp16's range (65504) becomes infinite and the server drops that reply
+    as diverged; bf16 has float32's range. Only float32 arrays are encoded; others travel as they are.
+    """
+    if encoding == "fp32":
+        return record
+    if encoding not in _HALF:
+        raise ValueError(f"update_encoding must be one of fp32, fp16, bf16; got {encoding!r}")
+    torch_dtype, name = _HALF[encoding]
+    encoded = {}
+    for key, array in record.items():
+        value = array.numpy()
+        if value.dtype != np.float32 or key not in sent:
+            encoded[key] = array
+            continue
+        update = torch.from_numpy(value - sent[key].numpy()).to(torch_dtype)
+        words = update.view(torch.int16).numpy().astype("<i2", copy=False)
+        encoded[key] = Array(dtype=name, shape=tuple(value.shape), stype=UPDATE_STYPE, data=words.tobytes())
+    return ArrayRecord(encoded)
+
+
+def decode_update(record: ArrayRecord, sent: ArrayRecord) -> ArrayRecord:
+    """Inverse of :func:`encode_update` on the server: x_global + update, in float32 (the server's master weights)."""
+    if not any(array.stype == UPDATE_STYPE for array in record.values()):
+        return record
+    decoded = {}
+    for key, array in record.items():
+        if array.stype != UPDATE_STYPE or key not in sent or tuple(array.shape) != tuple(sent[key].shape):
+            decoded[key] = array  # left as sent: the server's fit check drops the reply, naming the key
+            continue
+        words = np.frombuffer(array.data, dtype="<u2")
+        if array.dtype == "float16":
+            update = words.view("<f2").astype(np.float32)
+        elif array.dtype == "bfloat16":
+            update = (words.astype(np.uint32) << 16).view(np.float32)  # bf16 = the upper half of a float32
+        else:
+            raise ArrayMismatchError(f"encoded update {key!r} has dtype {array.dtype!r}; expected float16 or bfloat16")
+        base = sent[key].numpy()
+        if base.size != update.size:
+            raise ArrayMismatchError(f"encoded update {key!r} holds {update.size} values for shape {array.shape}")
+        decoded[key] = Array(base + update.reshape(base.shape))
+    return ArrayRecord(decoded)
+
+
+def decode_replies(replies: Iterable, sent: ArrayRecord) -> None:
+    """Decode, in place, the encoded arrays of every training reply (error replies are left as they are)."""
+    for message in replies:
+        if message.has_error():
+            continue
+        for name, record in list(message.content.array_records.items()):
+            message.content[name] = decode_update(record, sent)
 
 
 def message_array_bytes(message) -> int:

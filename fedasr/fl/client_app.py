@@ -18,8 +18,10 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedasr.fl.arrays import arrayrecord_to_state, state_to_arrayrecord
+from fedasr.fl.arrays import arrayrecord_to_state, encode_update, state_to_arrayrecord
 from fedasr.fl.config import import_system_class
+from fedasr.fl.faults import inject_fault
+from fedasr.fl.privacy import clipping_mod
 from fedasr.fl.strategies.replies import (
     FIT_SECONDS,
     LOCAL_WER,
@@ -81,21 +83,24 @@ def train_on_partition(arrays, config, partition: str, partition_id: int) -> tup
     cached = cached_system(str(config["system"]), str(config["seed-checkpoint"]), str(config.get("system-overrides", "{}")))
     cached.load_global(arrays)
     seed = int(config["seed"]) * 100_000 + partition_id
-    if float(config.get("proximal-mu", 0.0)) > 0:
-        log.warning("proximal-mu=%s received but ASRSystem.fit has no proximal term: training as FedAvg", config["proximal-mu"])
     started = time.perf_counter()
     result = cached.system.fit(client["train"], epochs=int(config["local-epochs"]), lr=float(config["lr"]),
-                               batch_size=int(config["batch-size"]), seed=seed)
+                               batch_size=int(config["batch-size"]), seed=seed,
+                               proximal_mu=float(config.get("proximal-mu", 0.0)))
     metrics = {NUM_EXAMPLES: int(result.num_examples), TRAIN_LOSS: float(result.train_loss),
                PARTITION_ID: int(partition_id), FIT_SECONDS: time.perf_counter() - started}
     if bool(config.get("report-wer", False)):
         local = cached.system.evaluate(client["valid"], decoding="greedy")
         metrics.update({LOCAL_WER: float(local.wer), LOCAL_WORD_ERRORS: int(local.word_errors), LOCAL_WORDS: int(local.words)})
-    return state_to_arrayrecord(cached.system.state_dict()), MetricRecord(metrics)
+    reply = encode_update(state_to_arrayrecord(cached.system.state_dict()), arrays, str(config.get("update-encoding", "fp32")))
+    return reply, MetricRecord(metrics)
 
 
 def node_partition(context: Context, config) -> tuple[str, int]:
-    """(partition file, partition id): the node's own config first (deployment), else the round's config."""
+    """(partition file, partition id): the one the server assigned in the round's config (simulation), else the
+    node's own (deployment: ``--node-config "partition-id=I"``, optionally ``partition=PATH``)."""
+    if PARTITION_ID in config:
+        return str(config["partition"]), int(config[PARTITION_ID])
     node = context.node_config
     if "partition-id" not in node:
         raise PartitionLookupError(
@@ -105,12 +110,15 @@ def node_partition(context: Context, config) -> tuple[str, int]:
     return partition, int(node["partition-id"])
 
 
-app = ClientApp()
+app = ClientApp(mods=[clipping_mod])  # clips updates when the round asks for DP (fedasr/fl/privacy.py)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     partition, partition_id = node_partition(context, config)
+    faulty_reply = inject_fault(msg, config, partition_id)  # None unless the fl hparams inject faults
+    if faulty_reply is not None:
+        return faulty_reply
     arrays, metrics = train_on_partition(msg.content["arrays"], config, partition, partition_id)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from hyperpyyaml import load_hyperpyyaml
 
+from fedasr.fl.faults import Faults, check_faults, faults_from_dict
 from fedasr.utils.settings import deep_merge, parse_dotted_overrides
 
 MODES = ("cross-silo", "cross-device")
 WER_SOURCES = ("server", "client")
+UPDATE_ENCODINGS = ("fp32", "fp16", "bf16")
 DEFAULT_SYSTEM = "fedasr.models.system:SpeechBrainASRSystem"
 
 
@@ -42,6 +44,20 @@ class Evaluation:
 
 
 @dataclass
+class Privacy:
+    """Client-level differential privacy (fedasr/fl/privacy.py): off by default; supported with fedavg only."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0  # z: noise std = z * clipping_norm / clients_per_round on the average update
+    clipping_norm: float = 1.0  # C: L2 bound of one client's update (x_k - x), enforced on the client
+    per_layer: bool = False  # clip each array to C / sqrt(number of arrays) instead of the whole update to C
+    delta: float = 1e-5  # epsilon is reported at this delta; must be < 1 / number of clients
+    accounting: str = "poisson"  # poisson (amplification by sampling q = clients_per_round / clients) | no-amplification
+    secure_noise: bool = False  # False: noise seeded by `seed` (reproducible research runs); True: OS entropy
+    frozen_keys: list = field(default_factory=lambda: ["*.glob_mean", "*.glob_std"])  # never taken from clients
+
+
+@dataclass
 class FLConfig:
     mode: str = "cross-silo"
     rounds: int = 5
@@ -55,8 +71,15 @@ class FLConfig:
     annealing: Annealing = field(default_factory=Annealing)
     evaluation: Evaluation = field(default_factory=Evaluation)
     client_num_cpus: float = 1.0
+    client_num_gpus: float = 0.0  # GPU share per simulated client (0.5: two clients per GPU)
     client_threads: int = 1
-    round_timeout: float = 3600.0
+    ray_address: str | None = None  # None: a new Ray on this machine (or $RAY_ADDRESS); "HOST:PORT": that cluster
+    update_encoding: str = "fp32"  # fp32 | fp16 | bf16: precision of the update a client sends back
+    round_timeout: float = 3600.0  # the round deadline: replies later than this are counted as missing
+    min_clients: int = 1  # fewer usable replies: the round keeps the previous global model (round_skipped)
+    max_failed_rounds: int = 3  # this many skipped rounds in a row stop the run (checkpointed) with an error
+    faults: Faults = field(default_factory=Faults)  # fault injection for studies and tests (off by default)
+    privacy: Privacy = field(default_factory=Privacy)  # client-level differential privacy (off by default)
     system: str = DEFAULT_SYSTEM  # "module:Class" implementing fedasr.models.api.ASRSystem
     system_overrides: dict = field(default_factory=dict)
 
@@ -111,6 +134,8 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
     try:
         values["annealing"] = _typed(Annealing(**(values.get("annealing") or {})))
         values["evaluation"] = _typed(Evaluation(**(values.get("evaluation") or {})))
+        values["faults"] = _typed(faults_from_dict(values.get("faults")))
+        values["privacy"] = _typed(Privacy(**(values.get("privacy") or {})))
         config = _typed(FLConfig(**values))
     except (TypeError, ValueError) as err:
         raise FLConfigError(f"{source}: {err}. See the keys documented in hparams/fl/cross_silo.yaml.") from None
@@ -151,8 +176,46 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
         fail(f"clients_per_round must be >= 1 or null (all clients), got {config.clients_per_round}")
     if not isinstance(config.strategy, dict) or "name" not in config.strategy:
         fail("strategy must be a mapping with a name, e.g. {name: wer-softmax, temperature: 0.01}")
+    if int(config.min_clients) < 1 or int(config.max_failed_rounds) < 1:
+        fail(f"min_clients and max_failed_rounds must be >= 1, got {config.min_clients} and {config.max_failed_rounds}")
+    if config.round_timeout <= 0:
+        fail(f"round_timeout must be > 0 seconds, got {config.round_timeout}")
+    fault_problem = check_faults(config.faults)
+    if fault_problem:
+        fail(fault_problem)
+    privacy_problem = check_privacy(config)
+    if privacy_problem:
+        fail(privacy_problem)
+    if config.client_num_cpus <= 0 or config.client_num_gpus < 0:
+        fail(f"client_num_cpus must be > 0 and client_num_gpus >= 0, got {config.client_num_cpus} and "
+             f"{config.client_num_gpus}")
+    if config.update_encoding not in UPDATE_ENCODINGS:
+        fail(f"update_encoding must be one of {UPDATE_ENCODINGS}, got {config.update_encoding!r}")
+    if config.update_encoding != "fp32" and config.privacy.enabled:
+        fail("update_encoding fp16/bf16 is not combined with privacy (clipping works on fp32 replies): "
+             "set update_encoding: fp32 or privacy.enabled: false")
     if ":" not in config.system:
         fail(f"system must be 'module:Class', got {config.system!r}")
+
+
+def check_privacy(config: FLConfig) -> str | None:
+    """None when the privacy settings are usable, else what is wrong and how to fix it."""
+    p = config.privacy
+    if not p.enabled:
+        return None
+    if config.strategy.get("name") != "fedavg":
+        return (f"privacy.enabled requires strategy.name: fedavg (got {config.strategy.get('name')!r}): softmax and "
+                "adaptive strategies can give one client a weight near 1, so the noise, calibrated for a weight of "
+                "1 / clients_per_round, would not hide that client. Set strategy: {name: fedavg} or privacy.enabled: false")
+    if p.noise_multiplier < 0 or p.clipping_norm <= 0:
+        return f"privacy needs noise_multiplier >= 0 and clipping_norm > 0, got {p.noise_multiplier} and {p.clipping_norm}"
+    if not 0 < p.delta < 1:
+        return f"privacy.delta must lie in (0, 1), got {p.delta}"
+    if p.accounting not in ("poisson", "no-amplification"):
+        return f"privacy.accounting must be poisson or no-amplification, got {p.accounting!r}"
+    if not isinstance(p.frozen_keys, list) or not all(isinstance(k, str) for k in p.frozen_keys):
+        return f"privacy.frozen_keys must be a list of key patterns, got {p.frozen_keys!r}"
+    return None
 
 
 def strategy_name_and_settings(config: FLConfig) -> tuple[str, dict]:

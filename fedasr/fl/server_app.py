@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedasr.fl.annealing import ClientLRAnnealer
 from fedasr.fl.arrays import (
-    arrayrecord_to_state, arrays_to_numpy, message_array_bytes, numpy_to_arrayrecord, state_to_arrayrecord,
+    arrayrecord_to_state, arrays_to_numpy, decode_replies, message_array_bytes, numpy_to_arrayrecord,
+    state_to_arrayrecord,
 )
 from fedasr.fl.checkpoint import (
     CheckpointError,
@@ -37,13 +38,17 @@ from fedasr.fl.checkpoint import (
     strategy_state,
 )
 from fedasr.fl.config import FLConfig, config_from_json, import_system_class, strategy_name_and_settings
+from fedasr.fl.faults import CONFIG_KEY as FAULTS_CONFIG_KEY
+from fedasr.fl.metrics_log import METRICS_FILE, MetricsLog
+from fedasr.fl.privacy import privacy_round_report, with_privacy
 from fedasr.fl.strategies import build_strategy
+from fedasr.fl.strategies.replies import PARTITION_ID, array_spec, missing_replies, usable_replies
 from fedasr.report.round_log import write_round_logs
 from fedasr.utils.io import atomic_open, atomic_write_json
+from fedasr.utils.preflight import check_writable, space_for_copies
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 BEST_MODEL_FILE = "best_model.pt"
 FINAL_MODEL_FILE = "final_model.pt"
@@ -62,6 +67,10 @@ class FederatedRun:
     test_manifest: str = ""
     resume: bool = False
     stop_after_round: int = 0  # >0: stop cleanly after this round (resume tests, time-sliced runs)
+    # Simulation: the server assigns the partition each sampled virtual node trains this round, drawn with a seed
+    # of (seed, round), so the clients of a round do not depend on Flower's random node ids and a resumed run
+    # trains the same clients as an uninterrupted one. Deployment (False): each SuperNode trains its own data.
+    assign_partitions: bool = False
     extra: dict = field(default_factory=dict)
 
     def round_config(self, server_round: int, lr: float) -> ConfigRecord:
@@ -77,6 +86,9 @@ class FederatedRun:
             "system": c.system,
             "system-overrides": json.dumps(c.system_overrides, sort_keys=True),
             "threads": int(c.client_threads),
+            "update-encoding": c.update_encoding,
+            "server-round": int(server_round),
+            **({FAULTS_CONFIG_KEY: c.faults.to_json(c.seed)} if c.faults.enabled else {}),
         })
 
     def fingerprint(self) -> dict:
@@ -84,6 +96,8 @@ class FederatedRun:
         cfg = self.config.to_dict()
         cfg.pop("rounds")  # extending a run with more rounds is allowed
         cfg.pop("round_timeout")
+        cfg.pop("min_clients")  # tolerance settings: may be changed to continue a run stopped by failing rounds
+        cfg.pop("max_failed_rounds")
         return {"config": json.dumps(cfg, sort_keys=True), "seed_checkpoint": self.seed_checkpoint,
                 "partition": self.partition, "num_clients": self.num_clients}
 
@@ -104,6 +118,19 @@ class SortedNodeGrid:
 def round_rng_seed(seed: int, server_round: int) -> int:
     """Seed of the client sampling of one round: independent of earlier rounds, so a resumed run samples alike."""
     return int(seed) * 100_003 + int(server_round)
+
+
+def assign_partitions(messages: list[Message], seed: int, num_clients: int) -> None:
+    """Give each message of a round the partition its node trains: all partitions when every client trains,
+    else a sample drawn with ``seed`` (the clients then read ``partition-id`` from the round's config)."""
+    if len(messages) >= num_clients:
+        chosen = list(range(num_clients))
+    else:
+        chosen = sorted(random.Random(seed).sample(range(num_clients), len(messages)))
+    for message, partition_id in zip(messages, chosen):
+        content = message.content  # shared by the round's messages: give each its own config record
+        config = ConfigRecord({**content["config"], PARTITION_ID: partition_id})
+        message.content = RecordDict({**content, "config": config})
 
 
 class GlobalModelEvaluator:
@@ -133,7 +160,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
     """All rounds of one run (or the remaining ones with ``run.resume``); returns the summary."""
     cfg = run.config
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what="federated output folder")
     torch.set_num_threads(max(1, int(cfg.client_threads)))
     evaluator = GlobalModelEvaluator(system if system is not None else load_system(run))
     name, settings = strategy_name_and_settings(cfg)
@@ -144,6 +171,8 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
                                       max_utterances=cfg.evaluation.server_wer_utterances).wer
     strategy = build_strategy(name, settings, num_clients=run.num_clients, clients_per_round=cfg.clients_per_round,
                               score_fn=score_fn)
+    strategy = with_privacy(strategy, cfg.privacy, num_clients=run.num_clients, clients_per_round=cfg.clients_per_round,
+                            seed=cfg.seed, server_lr=float(settings.get("server_lr", 1.0)))
     annealer = ClientLRAnnealer(cfg.lr, **vars(cfg.annealing))
     history = MetricsLog(out / METRICS_FILE)
     arrays, start_round, best = _start_or_resume(run, evaluator, strategy, annealer, history)
@@ -164,6 +193,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
         ))
         log.info("round %d: dev WER %.4f (best %.4f @ %d), next lr %.4g", server_round, row["dev_wer"], best["wer"],
                  best["round"], row["next_lr"])
+        _stop_after_failed_rounds(history.rows, cfg, out)
 
     finished = last_round == cfg.rounds
     summary = {"rounds_done": max(last_round, start_round), "finished": finished, "best_dev_wer": best["wer"],
@@ -173,6 +203,8 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
         summary["final_dev_wer"] = history.rows[-1]["dev_wer"]
         summary["final_test_wer"] = history.rows[-1].get("test_wer")
         summary["seed_dev_wer"] = history.rows[0]["dev_wer"]
+    if cfg.privacy.enabled:
+        summary["dp_epsilon"], summary["dp_delta"] = history.rows[-1].get("dp_epsilon"), cfg.privacy.delta
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
@@ -187,7 +219,8 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
         random.seed(run.config.seed)
         np.random.seed(run.config.seed % 2**32)
         torch.manual_seed(run.config.seed)
-        row = {"round": 0, "lr": annealer.lr, "next_lr": annealer.lr, "clients": [], "dropped": []}
+        row = {"round": 0, "lr": annealer.lr, "next_lr": annealer.lr, "clients": [], "dropped": [], "failed": [],
+               "round_skipped": False}
         row.update(_dev_and_test(run, evaluator, arrays, 0, force_test=True))
         history.append(row)
         return arrays, 0, {"wer": math.inf, "round": 0}
@@ -212,25 +245,61 @@ def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -
     random.seed(round_rng_seed(cfg.seed, server_round))
     messages = list(strategy.configure_train(server_round, arrays, run.round_config(server_round, lr),
                                              SortedNodeGrid(grid)))
+    if run.assign_partitions:
+        assign_partitions(messages, round_rng_seed(cfg.seed, server_round), run.num_clients)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     received = time.perf_counter()
-    new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+    bytes_received = sum(message_array_bytes(r) for r in replies)  # as they travelled (fp16/bf16 when encoded)
+    decode_replies(replies, arrays)  # encoded updates -> fp32 weights, before any check or strategy sees them
+    # Unusable replies (errors, NaN, arrays that do not fit the global model) are set aside before the strategy
+    # sees them, so a round with fewer than min_clients usable ones leaves the strategy's state untouched.
+    kept, dropped = usable_replies(replies, array_spec(arrays), sent=messages)
+    missing = missing_replies(messages, replies, cfg.round_timeout)
+    new_arrays, train_metrics, clients = None, None, []
+    if len(kept) >= cfg.min_clients:
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
+        dropped += list(getattr(strategy, "last_dropped", []))  # the strategy's own refusals (e.g. a NaN score)
+        clients = list(getattr(strategy, "last_clients", [])) if new_arrays is not None else []
     aggregated = time.perf_counter()
-    if new_arrays is not None:
+    skipped = new_arrays is None
+    if skipped:
+        log.warning("round %d skipped: %d usable replies, min_clients is %d; the global model is kept (failures: %s)",
+                    server_round, len(kept), cfg.min_clients, dropped + missing)
+    else:
         arrays = new_arrays
     row = {"round": server_round, "lr": lr, "sampled": len(messages),
            "bytes_sent": sum(message_array_bytes(m) for m in messages),
-           "bytes_received": sum(message_array_bytes(r) for r in replies),
-           "clients": list(getattr(strategy, "last_clients", [])),
-           "dropped": [list(d) for d in getattr(strategy, "last_dropped", [])]}
+           "bytes_received": bytes_received,
+           "clients": clients, "dropped": [list(d) for d in dropped],
+           "failed": [list(d) for d in dropped + missing], "round_skipped": skipped}
     if getattr(strategy, "last_weights", None):
         row["weights"] = [strategy.last_weights[c] for c in row["clients"] if c in strategy.last_weights]
     row.update({_train_key(k): v for k, v in dict(train_metrics or {}).items()})
+    row.update(privacy_round_report(strategy, server_round))  # dp_epsilon after this round ({} without DP)
     row.update(_dev_and_test(run, evaluator, arrays, server_round))
-    _, row["next_lr"] = annealer.step(row["dev_wer"])
+    # A skipped round did not train: its unchanged dev WER must not count as "no improvement" for annealing.
+    row["next_lr"] = annealer.lr if skipped else annealer.step(row["dev_wer"])[1]
     row["seconds"] = {"send_receive": received - started, "aggregate": aggregated - received,
                       "evaluate": time.perf_counter() - aggregated, "round": time.perf_counter() - started}
     return arrays, row
+
+
+class TooManyFailedRoundsError(RuntimeError):
+    """Consecutive rounds without enough usable replies: the clients are failing, not a run to continue blindly."""
+
+
+def _stop_after_failed_rounds(rows: list[dict], cfg: FLConfig, out: Path) -> None:
+    """Raise once the last ``max_failed_rounds`` rounds were all skipped (called after the round's checkpoint)."""
+    recent = [r for r in rows if r["round"] > 0][-cfg.max_failed_rounds:]
+    if len(recent) < cfg.max_failed_rounds or not all(r.get("round_skipped") for r in recent):
+        return
+    failures = "; ".join(f"{client}: {reason}" for client, reason in recent[-1]["failed"][:5]) or "no client sampled"
+    raise TooManyFailedRoundsError(
+        f"{out}: rounds {recent[0]['round']}-{recent[-1]['round']} each had fewer than min_clients={cfg.min_clients} "
+        f"usable replies (last round: {failures}). The run is checkpointed after round {recent[-1]['round']}: fix the "
+        f"clients (every failure is in {out / METRICS_FILE}, key `failed`) and continue with --resume, or lower "
+        "min_clients / raise max_failed_rounds / round_timeout in the fl hparams."
+    )
 
 
 def _train_key(metric: str) -> str:
@@ -254,37 +323,6 @@ def _dev_and_test(run, evaluator, arrays, server_round, force_test=False) -> dic
 def _save_model(path: Path, state: dict, server_round: int, dev_wer: float) -> None:
     with atomic_open(path, "wb") as handle:
         torch.save({"state_dict": state, "round": server_round, "dev_wer": dev_wer}, handle)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON line per round (round 0 = the seed model), rewritten atomically each round."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.rows: list[dict] = []
-        if self.path.exists():
-            with open(self.path, encoding="utf-8") as handle:
-                self.rows = [json.loads(line) for line in handle if line.strip()]
-
-    def append(self, row: dict) -> None:
-        self.rows.append(row)
-        self._write()
-
-    def truncate(self, last_round: int) -> None:
-        """Forget rows after ``last_round`` (a killed run may have logged a round it did not checkpoint)."""
-        self.rows = [r for r in self.rows if r["round"] <= last_round]
-        self._write()
-
-    def _write(self) -> None:
-        with atomic_open(self.path, "w", encoding="utf-8") as handle:
-            for row in self.rows:
-                handle.write(json.dumps(row, default=_json_default) + "\n")
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
 
 
 # ---- Flower entry point ----------------------------------------------------------------------------------------

@@ -12,9 +12,11 @@ import logging
 import os
 from pathlib import Path
 
-from fedasr.fl.config import FLConfig, load_fl_config
+from fedasr.fl.config import FLConfig, import_system_class, load_fl_config
 from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app
+from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, read_json
+from fedasr.utils.preflight import check_writable, space_for_copies
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +81,35 @@ def resolve_run(
     seed = Path(seed_checkpoint).resolve()
     if not seed.exists():
         raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
+    import_system_class(config.system).from_checkpoint(str(seed), overrides=config.system_overrides or None)  # fits?
     return FederatedRun(
         config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
         dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=len(loaded["clients"]),
-        resume=resume, stop_after_round=stop_after_round,
+        resume=resume, stop_after_round=stop_after_round, assign_partitions=True,
     )
 
 
+def ray_address(config: FLConfig) -> str | None:
+    """The Ray cluster to join: ``ray_address`` of the fl hparams, else $RAY_ADDRESS, else None (start one here)."""
+    return config.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
 def backend_config(config: FLConfig) -> dict:
-    """Ray settings: loopback only, no dashboard, ``client_num_cpus`` per client."""
-    return {
-        "client_resources": {"num_cpus": float(config.client_num_cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "_node_ip_address": "127.0.0.1"},
-    }
+    """Ray settings of Flower's simulation backend.
+
+    Each simulated client is a Ray task needing ``client_num_cpus`` CPUs and ``client_num_gpus`` GPUs, so
+    clients in parallel = the cluster's resources / those. Without a cluster address Ray starts on this
+    machine, bound to loopback, with all its cores. With one (``ray start --head`` + ``ray start --address``
+    on other machines) the driver joins it and Ray spreads the clients over every node; Ray then forbids
+    sizing the cluster from the driver, so only the address is passed.
+    """
+    resources = {"num_cpus": float(config.client_num_cpus), "num_gpus": float(config.client_num_gpus)}
+    address = ray_address(config)
+    if address:
+        init = {"address": address, "include_dashboard": False}
+    else:
+        init = {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "_node_ip_address": "127.0.0.1"}
+    return {"client_resources": resources, "init_args": init}
 
 
 def run_simulation_for(run: FederatedRun) -> dict:
@@ -100,10 +118,13 @@ def run_simulation_for(run: FederatedRun) -> dict:
 
     from fedasr.fl.client_app import app as client_app
 
+    joining = ray_address(run.config) is not None
     for key, value in _ENVIRONMENT.items():
+        if joining and key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
+            continue  # "0" means no multi-node Ray at all, and pins this driver to 127.0.0.1
         os.environ.setdefault(key, value)
     out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what="--output-dir")  # before Ray
     summary_path = out / SUMMARY_FILE
     if summary_path.exists():
         summary_path.unlink()  # a stale summary must not pass for this run's
@@ -111,8 +132,15 @@ def run_simulation_for(run: FederatedRun) -> dict:
         "config": run.config.to_dict(), "seed_checkpoint": run.seed_checkpoint, "partition": run.partition,
         "dev_manifest": run.dev_manifest, "test_manifest": run.test_manifest, "num_clients": run.num_clients,
     })
-    run_simulation(server_app=build_server_app(run), client_app=client_app, num_supernodes=run.num_clients,
-                   backend_config=backend_config(run.config))
+    try:
+        with track_energy(out):  # energy.json (codecarbon, whole machine: the Ray workers too)
+            run_simulation(server_app=build_server_app(run), client_app=client_app, num_supernodes=run.num_clients,
+                           backend_config=backend_config(run.config))
+    except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log above has the cause
+        raise SimulationError(
+            f"the Flower simulation engine stopped ({err.__cause__ or err}). Rounds completed before are "
+            f"checkpointed in {out}: fix the cause and re-run with --resume"
+        ) from err
     if not summary_path.exists():
         raise SimulationError(f"the simulation ended without {summary_path}: see the log above for the ServerApp error")
     return read_json(summary_path)

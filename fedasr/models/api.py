@@ -46,8 +46,10 @@ class ASRSystem(Protocol):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load global weights; frozen normaliser stats are loaded as they are and never updated afterwards."""
 
-    def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int) -> FitResult:
-        """Local fine-tuning with plain SGD for ``epochs`` epochs; no checkpoint recovery, no beam search."""
+    def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int,
+            proximal_mu: float = 0.0) -> FitResult:
+        """Local fine-tuning with plain SGD for ``epochs`` epochs; no checkpoint recovery, no beam search.
+        ``proximal_mu`` > 0: FedProx's proximal term mu/2 * ||w - w_start||^2 is added to the loss."""
 
     def evaluate(
         self, manifest: str | Path, *, decoding: str = "greedy", max_utterances: int | None = None,

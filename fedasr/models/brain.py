@@ -5,7 +5,9 @@ all structure lives in the model's roles. ``hparams`` passed to the Brain:
 
 * ``tokenizer`` (required), ``valid_search`` / ``test_search`` ("greedy" | "beam" | None: no decoding);
 * optional: ``lr_annealing`` (NewBobScheduler on dev WER), ``train_logger`` (FileTrainLogger),
-  ``keep_checkpoints``, ``hyps_file`` (per-utterance test hypotheses), ``epoch_counter``.
+  ``keep_checkpoints``, ``hyps_file`` (per-utterance test hypotheses), ``epoch_counter``,
+  ``proximal_mu`` + ``proximal_anchor`` (FedProx: mu/2 * ||w - w_global||^2 added to the training loss; the anchor
+  holds a copy of the trainable parameters received from the server, in ``named_parameters`` order).
 
 Without a checkpointer (the federated client), ``on_fit_start`` recovers nothing: global weights stay.
 """
@@ -44,6 +46,12 @@ def batch_rows(batch, hyps: list[str]) -> list[dict]:
     return rows
 
 
+def proximal_term(model: torch.nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * sum ||w - w_anchor||^2 over the trainable parameters (Li et al., MLSys 2020)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+
+
 class ASRBrain(sb.Brain):
     """Hooks: compute_forward, compute_objectives, on_stage_start, on_stage_end."""
 
@@ -56,6 +64,8 @@ class ASRBrain(sb.Brain):
     def compute_objectives(self, predictions, batch, stage):
         out, hyps = predictions
         loss = batch_loss(self.modules.model, out, batch)
+        if stage == sb.Stage.TRAIN and getattr(self.hparams, "proximal_mu", 0.0):
+            loss = loss + proximal_term(self.modules.model, self.hparams.proximal_anchor, self.hparams.proximal_mu)
         if hyps is not None:
             self.rows.extend(batch_rows(batch, hyps))
         return loss

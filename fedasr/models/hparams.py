@@ -16,6 +16,7 @@ Command-line overrides are then applied by HyperPyYAML with ``overrides_must_mat
 
 from __future__ import annotations
 
+import difflib
 import io
 import os
 import random
@@ -163,20 +164,28 @@ def compose_yaml(experiment_file: str | os.PathLike, model: str | None = None) -
             if not key:
                 continue
             if key not in blocks:
+                valid = sorted(k for k in blocks if k)
                 raise HparamsError(
                     f"{path}: key '{key}' is not defined by the base experiment or the model YAML "
-                    f"({model_path.name}); valid keys: {sorted(k for k in blocks if k)}."
+                    f"({model_path.name}){did_you_mean([key], valid)}; valid keys: {valid}."
                 )
             blocks[key] = block if block.endswith("\n") else block + "\n"
     text = "".join(b if b.endswith("\n") or not b else b + "\n" for b in blocks.values())
     return text, Path(model).stem if model.endswith((".yaml", ".yml")) else model
 
 
+def did_you_mean(unknown: Sequence[str], valid: Sequence[str]) -> str:
+    """' (did you mean 'number_of_epochs'?)' for typos of valid keys, else ''."""
+    guesses = [f"{key!r} -> {match[0]!r}" for key in unknown if (match := difflib.get_close_matches(key, valid, n=1))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def check_override_keys(text: str, overrides: dict, source: str) -> None:
     valid = sorted(k for k in split_blocks(text) if k)
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise HparamsError(f"unknown hparams key(s) {unknown} for {source}; valid keys: {valid}.")
+        raise HparamsError(f"unknown hparams key(s) {unknown} for {source}{did_you_mean(unknown, valid)}; "
+                           f"valid keys: {valid}.")
 
 
 def load_experiment(experiment_file: str | os.PathLike, overrides: Sequence[str] | str | dict | None = None) -> Experiment:

@@ -51,7 +51,7 @@ class SpeechBrainASRSystem:
         yaml_path = checkpoint_dir / HPARAMS_FILENAME
         experiment = build_from_text(yaml_path.read_text(encoding="utf-8"), overrides, source=yaml_path)
         model = build_acoustic_model(experiment.hparams, source=yaml_path)
-        model.load_state_dict(load_model_state(checkpoint_dir))
+        model.load_state_dict(load_model_state(checkpoint_dir, model=model))  # checks weights + tokenizer fit
         model.freeze_normalizer()
         model.eval()
         tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_FILENAME)
@@ -75,18 +75,24 @@ class SpeechBrainASRSystem:
         self.model.freeze_normalizer()
 
     # ---- local training --------------------------------------------------------------------------------------
-    def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int) -> FitResult:
-        """``epochs`` epochs of plain SGD (fresh optimizer each call); no checkpoint recovery, no decoding."""
+    def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int,
+            proximal_mu: float = 0.0) -> FitResult:
+        """``epochs`` epochs of plain SGD (fresh optimizer each call); no checkpoint recovery, no decoding.
+
+        ``proximal_mu`` > 0 adds FedProx's proximal term towards the weights held at the start of the call.
+        """
         start = time.perf_counter()
         random.seed(seed)  # SpeechBrain's Augmenter draws from Python's random
         torch.manual_seed(seed)
         dataset = make_dataset(manifest, self.tokenizer, sample_rate=self.hparams["sample_rate"], sorting="random")
         sampler = ReproducibleRandomSampler(dataset, seed=seed)
         loader = make_dataloader(dataset, batch_size=batch_size, sampler=sampler)
+        anchor = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu else []
         brain = ASRBrain(
             modules={"model": self.model},
             opt_class=functools.partial(torch.optim.SGD, lr=lr),
-            hparams={"tokenizer": self.tokenizer, "valid_search": None, "test_search": None},
+            hparams={"tokenizer": self.tokenizer, "valid_search": None, "test_search": None,
+                     "proximal_mu": float(proximal_mu), "proximal_anchor": anchor},
             run_opts={"device": self.device, "noprogressbar": True,
                       "max_grad_norm": float(self.hparams.get("max_grad_norm", 5.0))},
             checkpointer=None,

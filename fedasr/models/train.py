@@ -10,7 +10,7 @@ Output folder::
     hyperparams.yaml   resolved experiment YAML        train_log.txt    SpeechBrain-style log
     save/              tokenizer.model + CKPT+* folders (Checkpointer)
     test_hyps.txt      per-utterance test hypotheses    seed_checkpoint/ the export
-    result.json        dev/test WER, epochs, seconds
+    result.json        dev/test WER, epochs, seconds     energy.json      codecarbon's measurement (if installed)
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import speechbrain as sb
 import torch
 
 from fedasr.models.brain import ASRBrain
-from fedasr.models.checkpoint import export_checkpoint
+from fedasr.models.checkpoint import check_resume_fits, export_checkpoint
 from fedasr.models.dataio import make_dataset, manifest_sentences
 from fedasr.models.hparams import Experiment, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
+from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, atomic_write_text
+from fedasr.utils.preflight import check_writable, space_for_parameters
 
 logger = logging.getLogger(__name__)
 SEED_CHECKPOINT_DIRNAME = "seed_checkpoint"
@@ -89,7 +91,8 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     experiment = load_experiment(experiment_file, overrides)
     hp = experiment.hparams
     out_dir = Path(hp["output_folder"])
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, space_for_parameters(hp["modules"].values(), int(hp["keep_checkpoints"]) + 2), what="output_folder")
+    check_resume_fits(out_dir / "save", build_acoustic_model(hp, source=f"{experiment.source} (model {experiment.model_name})"))
     atomic_write_text(out_dir / "hyperparams.yaml", experiment.resolved_yaml)
     seed_everything(int(hp["seed"]))  # again: the tokenizer and the data order come after the model build
 
@@ -103,13 +106,14 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     brain = build_brain(experiment, tokenizer, out_dir, device=device, progressbar=progressbar)
     loader = {"batch_size": int(hp["batch_size"]), "shuffle": hp["sorting"] == "random"}
     eval_loader = {"batch_size": int(hp["eval_batch_size"])}
-    brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["dev"],
-              train_loader_kwargs=dict(loader), valid_loader_kwargs=dict(eval_loader))
+    with track_energy(out_dir):  # energy.json, when codecarbon is installed
+        brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["dev"],
+                  train_loader_kwargs=dict(loader), valid_loader_kwargs=dict(eval_loader))
+        best = brain.checkpointer.find_checkpoint(min_key="WER") if hp["valid_search"] else None
+        # Test the best checkpoint by dev WER (the latest one when the dev set is not decoded).
+        brain.evaluate(datasets["test"], min_key="WER" if best is not None else None,
+                       test_loader_kwargs=dict(eval_loader))
     epochs_trained = brain.hparams.epoch_counter.current
-
-    best = brain.checkpointer.find_checkpoint(min_key="WER") if hp["valid_search"] else None
-    # Test the best checkpoint by dev WER (the latest one when the dev set is not decoded).
-    brain.evaluate(datasets["test"], min_key="WER" if best is not None else None, test_loader_kwargs=dict(eval_loader))
     model = brain.modules.model
     test_wer = brain.test_stats.get("WER", float("nan")) / 100
     model.freeze_normalizer()

@@ -14,20 +14,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedasr.experiment import read_run_id
-from fedasr.report.energy import co2_kg, device_profile, energy_kwh, grid_intensity
+from fedasr.fl.metrics_log import METRICS_FILE, MetricsFileError, read_metrics_rows
+from fedasr.report.energy import co2_kg, device_profile, energy_kwh, grid_intensity, measured_kwh
 from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text, read_json
 
 HYPS_FILE = Path("eval") / "hyps.tsv"
 TABLE_COLUMNS = ("run", "setting", "clients", "clients_per_round", "rounds", "local_epochs", "strategy",
                  "dev_wer", "test_wer", "wer_vs_central", "bytes_sent", "bytes_received", "wall_seconds",
-                 "compute_seconds", "energy_kwh", "co2_kg")
+                 "compute_seconds", "energy_kwh", "co2_kg", "measured_kwh", "measured_co2_kg")
 PLOTS = {"curves": "dev_wer_per_round.png", "speakers": "per_speaker_wer.png", "groups": "wer_per_group.png"}
 DEMOGRAPHIC_COLUMNS = ("gender", "age", "accents")
 
@@ -54,6 +54,7 @@ class RunRecord:
     bytes_received: int = 0
     wall_seconds: float = 0.0
     compute_seconds: float = 0.0
+    measured_kwh: float | None = None  # codecarbon's measurement of the run (energy.json), when there is one
     dev_curve: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -64,7 +65,7 @@ def load_run(folder: str | os.PathLike) -> RunRecord:
     folder = Path(folder)
     if not folder.is_dir():
         raise RunFolderError(f"{folder}: not a folder. Pass run folders (the output folder of a stage).")
-    if (folder / "metrics.jsonl").exists():
+    if (folder / METRICS_FILE).exists():
         return load_federated_run(folder)
     if (folder / "result.json").exists():
         return load_central_run(folder)
@@ -87,7 +88,7 @@ def load_central_run(folder: Path) -> RunRecord:
         path=str(folder), name=_run_name(folder, setting), setting=setting, clients=1, clients_per_round=1,
         rounds=None, local_epochs=epochs, strategy="centralized", dev_wer=float(result["dev_wer"]),
         test_wer=_float_or_none(result.get("test_wer")), wall_seconds=float(result.get("seconds") or 0.0),
-        compute_seconds=float(result.get("seconds") or 0.0), dev_curve=curve,
+        compute_seconds=float(result.get("seconds") or 0.0), measured_kwh=measured_kwh(folder), dev_curve=curve,
     )
 
 
@@ -103,24 +104,19 @@ def _central_dev_curve(train_log: Path) -> list[tuple[int, float]]:
     return curve
 
 
-def read_metrics_rows(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise RunFolderError(f"{path}, line {number}: not JSON ({err}); the file is damaged: re-run the "
-                                     "federated stage with --resume") from None
+def read_run_rows(path: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl; a damaged or empty file is a RunFolderError naming it."""
+    try:
+        rows = read_metrics_rows(path)
+    except MetricsFileError as err:
+        raise RunFolderError(str(err)) from None
     if not rows:
         raise RunFolderError(f"{path}: no rounds recorded yet (not even the seed evaluation)")
     return rows
 
 
 def load_federated_run(folder: Path) -> RunRecord:
-    rows = read_metrics_rows(folder / "metrics.jsonl")
+    rows = read_run_rows(folder / METRICS_FILE)
     resolved_path = folder / "fl_config.json"
     if not resolved_path.exists():
         raise RunFolderError(f"{resolved_path}: missing (written by `fedasr federate` at start); the folder is "
@@ -148,6 +144,7 @@ def load_federated_run(folder: Path) -> RunRecord:
         wall_seconds=sum(float(r.get("seconds", {}).get("round", 0.0)) for r in rounds),
         compute_seconds=sum(float(r.get("train_fit_seconds_sum", 0.0)) + float(r.get("seconds", {}).get("evaluate", 0.0))
                             for r in rounds),
+        measured_kwh=measured_kwh(folder),
         dev_curve=[(int(r["round"]), float(r["dev_wer"])) for r in rows],
     )
 
@@ -187,7 +184,8 @@ def table_rows(runs: list[RunRecord], *, profile: str = "v100", grid: str = "fra
             "strategy": run.strategy, "dev_wer": run.dev_wer, "test_wer": run.test_wer, "wer_vs_central": relative,
             "bytes_sent": run.bytes_sent, "bytes_received": run.bytes_received,
             "wall_seconds": round(run.wall_seconds, 1), "compute_seconds": round(run.compute_seconds, 1),
-            "energy_kwh": kwh, "co2_kg": co2_kg(kwh, grid),
+            "energy_kwh": kwh, "co2_kg": co2_kg(kwh, grid), "measured_kwh": run.measured_kwh,
+            "measured_co2_kg": None if run.measured_kwh is None else co2_kg(run.measured_kwh, grid),
         })
     return rows
 
@@ -201,14 +199,15 @@ def _cell(column: str, value) -> str:
         return f"{value:.3f}"
     if column.startswith("bytes"):
         return f"{value / 1e6:.2f}"
-    if column in ("energy_kwh", "co2_kg"):
+    if column in ("energy_kwh", "co2_kg", "measured_kwh", "measured_co2_kg"):
         return f"{value:.3g}"
     return str(value)
 
 
 MARKDOWN_HEADERS = {"dev_wer": "dev WER %", "test_wer": "test WER %", "wer_vs_central": "WER / central",
                     "bytes_sent": "MB sent", "bytes_received": "MB received", "wall_seconds": "wall s",
-                    "compute_seconds": "compute s", "energy_kwh": "kWh", "co2_kg": "kg CO2",
+                    "compute_seconds": "compute s", "energy_kwh": "kWh (profile)", "co2_kg": "kg CO2 (profile)",
+                    "measured_kwh": "kWh (measured)", "measured_co2_kg": "kg CO2 (measured)",
                     "clients_per_round": "clients/round"}
 
 

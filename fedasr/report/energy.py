@@ -4,11 +4,22 @@ Figures are the ones the reference used (Gao et al. 2022, after Parcollet & Rava
 at 250 W in a facility of PUE 1.67, edge devices at 7.5 W (no PUE), and grid intensities in kg CO2 per kWh.
 A run's compute time is what the run measured: training seconds for centralized runs, the sum over rounds of
 the clients' fit seconds (when reported) plus the server's evaluation time for federated runs.
+
+Where codecarbon is installed, ``track_energy`` also measures each run (``energy.json`` in its folder) and the
+comparison shows that measurement beside the profile estimate.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,3 +64,63 @@ def energy_kwh(seconds: float, profile: DeviceProfile) -> float:
 
 def co2_kg(kwh: float, grid: str) -> float:
     return kwh * grid_intensity(grid)
+
+
+# ---- measured energy (codecarbon) ---------------------------------------------------------------------------------
+
+ENERGY_FILE = "energy.json"
+ENERGY_ENV = "FEDASR_ENERGY"  # "0" turns the measurement off (e.g. many short runs in tests)
+
+
+@contextmanager
+def track_energy(folder: str | Path, *, country_iso_code: str = "FRA") -> Iterator[None]:
+    """Measure the energy of the block with codecarbon's offline tracker and write ``folder/energy.json``.
+
+    codecarbon reads RAPL (CPU, RAM) and NVML (GPU) counters where the machine exposes them and otherwise models
+    the CPU from its TDP and load; the file records what it reported so ``fedasr compare`` can show measured kWh
+    beside the profile estimate. Whole-machine mode: a federated simulation's Ray workers are counted too. Without
+    codecarbon installed, or with FEDASR_ENERGY=0, the block runs unmeasured and no file is written.
+    """
+    tracker = _start_tracker(country_iso_code)
+    try:
+        yield
+    finally:
+        if tracker is not None:
+            _stop_and_write(tracker, Path(folder) / ENERGY_FILE)
+
+
+def _start_tracker(country_iso_code: str):
+    if os.environ.get(ENERGY_ENV, "1") == "0":
+        return None
+    try:
+        from codecarbon import OfflineEmissionsTracker
+    except ImportError:
+        log.info("codecarbon is not installed: energy is estimated from device profiles only")
+        return None
+    tracker = OfflineEmissionsTracker(country_iso_code=country_iso_code, output_methods=[], log_level="error",
+                                      tracking_mode="machine")
+    tracker.start()
+    return tracker
+
+
+def _stop_and_write(tracker, path: Path) -> None:
+    from fedasr.utils.io import atomic_write_json
+
+    tracker.stop()
+    data = tracker.final_emissions_data
+    if data is None:
+        return
+    atomic_write_json(path, {
+        "kwh": float(data.energy_consumed), "cpu_kwh": float(data.cpu_energy), "gpu_kwh": float(data.gpu_energy),
+        "ram_kwh": float(data.ram_energy), "seconds": float(data.duration), "cpu_model": data.cpu_model,
+        "gpu_model": data.gpu_model, "cpu_count": data.cpu_count, "gpu_count": data.gpu_count,
+        "tool": "codecarbon (offline, machine mode)",
+    })
+
+
+def measured_kwh(folder: str | Path) -> float | None:
+    """kWh that codecarbon measured for the run in ``folder`` (None when it was not measured)."""
+    path = Path(folder) / ENERGY_FILE
+    if not path.exists():
+        return None
+    return float(json.loads(path.read_text(encoding="utf-8"))["kwh"])

@@ -126,6 +126,24 @@ def test_system_fit_is_deterministic_keeps_normaliser_frozen_and_state_dict_is_c
 
 
 @pytest.mark.slow
+def test_fedprox_proximal_term_keeps_local_weights_near_the_global_ones(central_run, tmp_path):
+    """FedProx clients (proximal_mu > 0) must drift less from the weights they received than plain SGD clients."""
+    small = subset_manifests(central_run["manifests"], tmp_path, {"train": 8})
+    system = SpeechBrainASRSystem.from_checkpoint(central_run["seed_checkpoint"])
+    start = system.state_dict()
+    trainable = [name for name, p in system.model.named_parameters() if p.requires_grad]
+
+    def drift(mu: float) -> tuple[float, float]:
+        system.load_state_dict(start)
+        system.fit(manifest_path(small, "train"), epochs=1, lr=0.2, batch_size=4, seed=3, proximal_mu=mu)
+        after = system.state_dict()
+        return sum(float(((after[k] - start[k]) ** 2).sum()) for k in trainable)
+
+    plain, prox = drift(0.0), drift(5.0)
+    assert 0 < prox < 0.8 * plain
+
+
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_its_last_checkpoint(prepared_manifests, tmp_path):
     data = subset_manifests(prepared_manifests, tmp_path / "data", {"train": 24, "dev": 6, "test": 6})
     out = tmp_path / "run"

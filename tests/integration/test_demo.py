@@ -35,7 +35,7 @@ SETTINGS = ("warmup", "central", "cross-silo", "cross-device")
 
 def demo(out: Path) -> subprocess.CompletedProcess:
     args = [item for key, value in TINY.items() for item in ("--set", f"{key}={value}")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "FEDASR_ENERGY": "1"}
     return subprocess.run([sys.executable, "-m", "fedasr.cli", "demo", str(out), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -70,6 +70,9 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path):
         assert (runs[mode] / "train_log.txt").read_text().count("round:") == 3
         assert (runs[mode] / "eval" / "hyps.tsv").exists()
     assert int(table["cross-device"]["clients_per_round"]) == 2
+    for setting in SETTINGS:  # codecarbon measured every training run; the table shows it beside the estimate
+        measured = json.loads((runs[setting] / "energy.json").read_text())["kwh"]
+        assert measured > 0 and float(table[setting]["measured_kwh"]) == pytest.approx(measured)
     assert float(table["central"]["test_wer"]) == pytest.approx(
         json.loads((runs["central"] / "result.json").read_text())["test_wer"])
     for name in ("dev_wer_per_round.png", "per_speaker_wer.png", "wer_per_group.png"):

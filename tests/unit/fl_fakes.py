@@ -11,7 +11,8 @@ import hashlib
 import time
 
 import torch
-from flwr.app import Message, Metadata, RecordDict
+from flwr.app import Error, Message, Metadata, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedasr.models.api import EvalResult, FitResult
 
@@ -50,7 +51,7 @@ class FakeASR:
     def load_state_dict(self, state):
         self.net.load_state_dict(state)
 
-    def fit(self, manifest, *, epochs, lr, batch_size, seed):
+    def fit(self, manifest, *, epochs, lr, batch_size, seed, proximal_mu=0.0):
         gen = torch.Generator().manual_seed(manifest_seed(manifest) ^ seed)
         opt = torch.optim.SGD(self.net.linear.parameters(), lr=lr)
         self.net.train()
@@ -75,15 +76,24 @@ class FakeASR:
         return EvalResult(wer=wer, cer=wer / 2, word_errors=round(wer * words), words=words, num_utterances=10)
 
 
-def reply(content: RecordDict, node_id: int) -> Message:
-    """A reply Message as the server receives it, built without a running Flower (metadata set directly)."""
+def reply(content: RecordDict | None, node_id: int, reply_to: str = "", error: Error | None = None) -> Message:
+    """A reply Message as the server receives it, built without a running Flower (metadata set directly);
+    ``error``: an error reply instead of content (what Flower returns for a ClientApp that raised)."""
     metadata = Metadata(run_id=1, message_id=f"m{node_id}", src_node_id=node_id, dst_node_id=0,
-                        reply_to_message_id="", group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")
+                        reply_to_message_id=reply_to, group_id="1", created_at=time.time(), ttl=3600.0,
+                        message_type="train")
+    if error is not None:
+        return Message(metadata=metadata, error=error)
     return Message(content=content, metadata=metadata)
 
 
 class FakeGrid:
-    """Stands in for Flower's Grid: runs the real client training function in-process for each message."""
+    """Stands in for Flower's Grid: runs the real client training function in-process for each message.
+
+    Like Flower's grids it stamps each sent message with an id that its reply refers to. ``train_fn`` may raise
+    (the reply is an error reply, as Flower makes for a ClientApp that raised) or return None (no reply: a
+    client that missed the round deadline).
+    """
 
     def __init__(self, num_nodes: int, train_fn) -> None:
         self.node_to_partition = {1000 + 7 * i: i for i in range(num_nodes)}
@@ -97,10 +107,20 @@ class FakeGrid:
         replies, sent = [], []
         for message in messages:
             node = message.metadata.dst_node_id
-            sent.append(self.node_to_partition[node])
-            arrays, metrics = self.train_fn(message.content["arrays"], message.content["config"],
-                                            self.node_to_partition[node])
-            replies.append(reply(RecordDict({"arrays": arrays, "metrics": metrics}), node))
+            message.metadata.__dict__["_message_id"] = f"ins-{len(self.rounds_sent)}-{node}"
+            # Like the ClientApp: the partition the server assigned (simulation), else the node's own.
+            partition = int(message.content["config"].get("partition-id", self.node_to_partition[node]))
+            sent.append(partition)
+            try:
+                outcome = self.train_fn(message.content["arrays"], message.content["config"], partition)
+            except Exception as err:  # noqa: BLE001 - every client failure becomes an error reply, as in Flower
+                error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(err)}:<'{err}'>")
+                replies.append(reply(None, node, message.metadata.message_id, error=error))
+                continue
+            if outcome is None:
+                continue
+            arrays, metrics = outcome
+            replies.append(reply(RecordDict({"arrays": arrays, "metrics": metrics}), node, message.metadata.message_id))
         self.rounds_sent.append(sorted(sent))
         return replies
 

@@ -210,7 +210,7 @@ def test_a_failure_midway_leaves_no_partial_outputs(release, tmp_path, monkeypat
         calls.append(path)
         if len(calls) == 2:
             raise RuntimeError("disk vanished")
-        return 1.0, None
+        return 1.0, None, "48000 Hz, 1 ch"
 
     monkeypatch.setattr(commonvoice, "read_duration", failing_read_duration)
     with pytest.raises(RuntimeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from fedasr.cli import main
 from fedasr.experiment import RunId, save_run_config
 from fedasr.models.evaluate import hyps_tsv
 from fedasr.report.compare import RunFolderError, compare_runs, load_run
-from fedasr.report.energy import PROFILES, UnknownProfileError, co2_kg, energy_kwh
+from fedasr.report.energy import (
+    ENERGY_ENV, ENERGY_FILE, PROFILES, UnknownProfileError, co2_kg, energy_kwh, measured_kwh, track_energy,
+)
 from fedasr.report.round_log import write_round_logs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,3 +153,28 @@ def test_round_logs_from_metrics(runs):
     assert len((runs[1] / "train_log.txt").read_text().splitlines()) == 3
     if written["tensorboard"] is not None:
         assert list(Path(written["tensorboard"]).glob("events.out.tfevents.*"))
+
+
+def test_measured_energy_is_shown_beside_the_profile_estimate(runs, tmp_path):
+    (runs[1] / "energy.json").write_text(json.dumps({"kwh": 0.002, "seconds": 30.0}))
+    central, silo = compare_runs(runs, tmp_path / "report", grid="uk")["rows"]
+    assert central["measured_kwh"] is None and central["measured_co2_kg"] is None  # not measured: no number
+    assert silo["measured_kwh"] == 0.002 and silo["measured_co2_kg"] == pytest.approx(0.002 * 0.509)
+    assert "| 0.002 | 0.00102 |" in (tmp_path / "report" / "compare.md").read_text()
+
+
+def test_track_energy_writes_codecarbons_measurement(tmp_path, monkeypatch):
+    """The real tracker (offline, no network) around a second of busy CPU: a positive energy in energy.json."""
+    pytest.importorskip("codecarbon")
+    monkeypatch.delenv(ENERGY_ENV, raising=False)
+    with track_energy(tmp_path):
+        deadline = time.perf_counter() + 1.0
+        while time.perf_counter() < deadline:
+            pass
+    record = json.loads((tmp_path / ENERGY_FILE).read_text())
+    assert record["kwh"] > 0 and record["seconds"] >= 1.0 and record["cpu_kwh"] > 0
+    assert measured_kwh(tmp_path) == record["kwh"]
+    monkeypatch.setenv(ENERGY_ENV, "0")  # switched off: the block runs, nothing is written
+    with track_energy(tmp_path / "off"):
+        pass
+    assert not (tmp_path / "off").exists()

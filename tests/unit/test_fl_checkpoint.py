@@ -24,17 +24,7 @@ from fedasr.fl.arrays import numpy_to_arrayrecord
 from fedasr.fl.config import config_from_dict
 from fedasr.fl.server_app import FederatedRun, run_server
 from fedasr.fl.strategies import build_strategy
-from fl_fakes import FakeASR, FakeGrid, set_task_identity
-
-
-@pytest.fixture
-def fake_clients(monkeypatch):
-    set_task_identity(monkeypatch)
-    clients = tuple({"train": f"client-{i}/train.csv", "valid": f"client-{i}/valid.csv"} for i in range(12))
-    monkeypatch.setattr(client_app, "partition_clients", lambda partition: clients)
-    client_app.cached_system.cache_clear()
-    yield clients
-    client_app.cached_system.cache_clear()
+from fl_fakes import FakeASR, FakeGrid
 
 
 def make_run(tmp_path, *, stop_after_round=0, resume=False, **config):

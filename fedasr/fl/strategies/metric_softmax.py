@@ -31,6 +31,7 @@ from fedasr.fl.strategies.replies import (
     NUM_EXAMPLES,
     TRAIN_LOSS,
     aggregate_train_metrics,
+    array_spec,
     partition_of,
     reply_arrays,
     reply_metrics,
@@ -136,7 +137,8 @@ class MetricSoftmax(FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, self.last_dropped = usable_replies(replies)
+        expected = array_spec(self.current_arrays) if self.current_arrays is not None else None
+        kept, self.last_dropped = usable_replies(replies, expected)
         self.last_clients = [partition_of(m) for m in kept]
         if not kept:
             log.warning("round %d: no usable reply, the global model is kept", server_round)
@@ -154,7 +156,8 @@ class MetricSoftmax(FedAvg):
         self.last_clients = [partition_of(m) for m in kept]
         self.last_weights = dict(zip(self.last_clients, map(float, weights)))
         self.last_scores = dict(zip(self.last_clients, map(float, scores)))
-        averaged = weighted_average([arrays_to_numpy(reply_arrays(m)) for m in kept], weights)
+        # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
+        averaged = weighted_average((reply_arrays(m) for m in kept), weights)
         new_arrays = self._apply_server_lr(averaged)
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
         metrics["max-weight"] = float(weights.max())
@@ -172,7 +175,8 @@ class MetricSoftmax(FedAvg):
         if self.server_lr == 1.0 or self.current_arrays is None:
             return averaged
         updated = {}
-        for key, value in averaged.items():
+        for key in list(averaged):
+            value = averaged.pop(key)  # one key at a time: no second full copy of the model
             current = self.current_arrays[key].astype(np.float64)
             updated[key] = (current + self.server_lr * (value.astype(np.float64) - current)).astype(value.dtype)
         return updated

@@ -1,7 +1,11 @@
 """What every fedasr strategy does with client replies before aggregating them.
 
 - replies are put in a fixed order (by the client's partition id) so float sums do not depend on arrival order;
-- a reply whose arrays or train loss are not finite (a diverged client) is dropped, counted and logged;
+- a reply whose arrays or train loss are not finite (a diverged client), or whose arrays do not fit the global
+  model (other keys, shapes, or non-float dtypes: a client built from another model, a corrupted upload), is
+  dropped, counted and logged with its reason, so nothing that would poison the average is aggregated;
+- a sent message without a reply by the round deadline is listed as missing (Flower's ``send_and_receive``
+  returns fewer replies then, no error replies);
 - training metrics are aggregated as a user expects: train loss weighted by examples, WER from summed word
   errors over summed words (never an average of per-client WERs).
 """
@@ -10,9 +14,11 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 
-from flwr.app import Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedasr.fl.arrays import all_finite
 
@@ -42,10 +48,48 @@ def partition_of(message: Message) -> int:
     return int(metrics.get(PARTITION_ID, message.metadata.src_node_id))
 
 
-def why_unusable(message: Message) -> str | None:
-    """None for a usable training reply, else the reason it must be dropped."""
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]  # key -> (shape, dtype name) of the global model's arrays
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")  # what a reply's arrays may hold
+
+
+def array_spec(arrays: ArrayRecord | Mapping[str, np.ndarray]) -> ArraySpec:
+    """Keys, shapes and dtypes of the global arrays: what every reply must match (no array data is read)."""
+    return {key: (tuple(int(n) for n in value.shape), str(value.dtype)) for key, value in arrays.items()}
+
+
+def why_arrays_do_not_fit(arrays: ArrayRecord, expected: ArraySpec) -> str | None:
+    """None when ``arrays`` have the global model's keys and shapes and floating-point dtypes, else what differs.
+
+    The dtype may differ from the global one as long as it is floating point (an encoding that sends fp16 is
+    cast back on aggregation); an integer, boolean or object array is refused.
+    """
+    got = array_spec(arrays)
+    missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    if missing or extra:
+        return f"arrays do not match the global model: missing keys {missing[:3]}, unexpected keys {extra[:3]}"
+    for key, (shape, _) in expected.items():
+        if got[key][0] != shape:
+            return f"array {key!r} has shape {got[key][0]}, the global model has {shape}"
+        if got[key][1] not in FLOAT_DTYPES:
+            return f"array {key!r} has dtype {got[key][1]}, a floating-point dtype is required"
+    return None
+
+
+def short_error(reason: str | None, limit: int = 300) -> str:
+    """The informative part of an error reply's reason, one line: Flower's simulation wraps a ClientApp's
+    exception in Ray's multi-line traceback ending with "... Message: <the exception's text>'>)"."""
+    text = str(reason or "no reason given")
+    if "Message: " in text:
+        text = re.sub(r"'>\)?\s*$", "", text.rsplit("Message: ", 1)[1])
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    text = lines[-1] if lines else text
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def why_unusable(message: Message, expected: ArraySpec | None = None) -> str | None:
+    """None for a usable training reply, else the reason it must be dropped (``expected``: see array_spec)."""
     if message.has_error():
-        return f"error reply ({message.error.reason})"
+        return f"error reply ({short_error(message.error.reason)})"
     if len(message.content.array_records) != 1 or len(message.content.metric_records) != 1:
         return "reply lacks exactly one ArrayRecord and one MetricRecord"
     metrics = reply_metrics(message)
@@ -54,24 +98,58 @@ def why_unusable(message: Message) -> str | None:
     for key in (TRAIN_LOSS, LOCAL_WER):
         if key in metrics and not math.isfinite(float(metrics[key])):
             return f"{key} is {metrics[key]}"
+    if expected is not None:
+        misfit = why_arrays_do_not_fit(reply_arrays(message), expected)
+        if misfit:
+            return misfit
     if not all_finite(reply_arrays(message)):
         return "arrays hold NaN or infinity (diverged local training)"
     return None
 
 
-def usable_replies(replies: Iterable[Message]) -> tuple[list[Message], list[tuple[int, str]]]:
-    """(usable replies sorted by partition id, [(partition or node id, reason)] of the dropped ones)."""
+def usable_replies(
+    replies: Iterable[Message], expected: ArraySpec | None = None, sent: Iterable[Message] = ()
+) -> tuple[list[Message], list[tuple[int, str]]]:
+    """(usable replies sorted by partition id, [(client, reason)] of the dropped ones).
+
+    The client of a dropped reply is its reported partition id; for an error reply (no content), the partition
+    the server gave the message it answers (``sent``, see :func:`sent_clients`), else its node id.
+    """
+    clients = sent_clients(sent)
     kept, dropped = [], []
     for message in replies:
-        reason = why_unusable(message)
+        reason = why_unusable(message, expected)
         if reason is None:
             kept.append(message)
         else:
-            ident = message.metadata.src_node_id if message.has_error() else _safe_partition(message)
+            ident = (clients.get(message.metadata.reply_to_message_id, message.metadata.src_node_id)
+                     if message.has_error() else _safe_partition(message))
             dropped.append((ident, reason))
             log.warning("dropping reply from client %s: %s", ident, reason)
     kept.sort(key=partition_of)
     return kept, dropped
+
+
+def sent_clients(sent: Iterable[Message]) -> dict[str, int]:
+    """Message id -> its client: the partition id the server put in the message's config (simulation assigns
+    them), else the destination node id (deployment: only the SuperNode knows its partition)."""
+    clients = {}
+    for message in sent:
+        config = message.content.config_records.get("config") if message.has_content() else None
+        partition = config.get(PARTITION_ID) if config is not None else None
+        clients[message.metadata.message_id] = int(partition) if partition is not None else message.metadata.dst_node_id
+    return clients
+
+
+def missing_replies(sent: Iterable[Message], replies: Iterable[Message], deadline: float) -> list[tuple[int, str]]:
+    """[(client, reason)] of the sent messages without a reply before the round deadline (see sent_clients)."""
+    answered = {reply.metadata.reply_to_message_id for reply in replies}
+    clients = sent_clients(sent)
+    missing = [(client, f"no reply within the round deadline (round_timeout {deadline:g} s)")
+               for message_id, client in clients.items() if message_id not in answered]
+    for client, reason in missing:
+        log.warning("client %s: %s", client, reason)
+    return missing
 
 
 def _safe_partition(message: Message) -> int:
@@ -100,10 +178,19 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str = NU
 
 
 class RobustRepliesMixin:
-    """Put before a Flower strategy class: drops unusable replies and fixes their order before it aggregates."""
+    """Put before a Flower strategy class: drops unusable replies and fixes their order before it aggregates.
+
+    The global arrays' spec is taken in ``configure_train`` so replies of another shape are refused.
+    """
+
+    expected_arrays: ArraySpec | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        self.expected_arrays = array_spec(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        kept, dropped = usable_replies(replies)
+        kept, dropped = usable_replies(replies, self.expected_arrays)
         self.last_dropped = dropped
         self.last_clients = [partition_of(m) for m in kept]
         if not kept:

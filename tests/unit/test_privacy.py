@@ -1,0 +1,263 @@
+"""Client-level DP (fedasr/fl/privacy.py): clipping (flat through Flower's mod, per layer), the server's
+fixed-denominator noisy average, the noise std, the RDP accountant against an independent computation, and the
+config rules (DP only with fedavg, delta below 1 / clients)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.fl.config import FLConfigError, Privacy, config_from_dict
+from fedasr.fl.privacy import (
+    KEY_PER_LAYER_CLIPPING_NORM,
+    VARIANCE_FLOOR,
+    ClientLevelDP,
+    clip_per_layer,
+    clip_update,
+    clipping_mod,
+    dp_epsilon,
+    noise_std,
+    per_layer_norm,
+    update_norm,
+    with_privacy,
+)
+from fedasr.fl.strategies import build_strategy
+from fl_fakes import FakeGrid, reply, set_task_identity
+
+RNG = np.random.default_rng(0)
+
+
+def test_flat_clipping_bounds_the_norm_and_keeps_the_direction():
+    update = {"a": RNG.normal(size=(30, 20)), "b": RNG.normal(size=7)}
+    clipped = clip_update(update, 1.5)
+    assert update_norm(update) > 1.5
+    assert update_norm(clipped) == pytest.approx(1.5, rel=1e-12)
+    np.testing.assert_allclose(clipped["a"] / update["a"], update_norm(clipped) / update_norm(update))
+    small = {"a": np.full(4, 0.1)}
+    np.testing.assert_array_equal(clip_update(small, 1.5)["a"], small["a"])  # inside the ball: unchanged
+
+
+def test_per_layer_clipping_bounds_every_array_and_the_whole_update():
+    update = {"big": RNG.normal(size=500) * 10, "small": np.full(3, 1e-3), "mid": RNG.normal(size=40)}
+    array_norm = per_layer_norm(2.0, len(update))
+    clipped = clip_per_layer(update, array_norm)
+    assert all(update_norm({k: v}) <= array_norm * (1 + 1e-12) for k, v in clipped.items())
+    assert update_norm(clipped) <= 2.0 * (1 + 1e-12)
+    np.testing.assert_array_equal(clipped["small"], update["small"])  # a small layer is not scaled by the big one
+
+
+def _train_message(config: dict, sent: dict) -> Message:
+    return Message(RecordDict({"arrays": numpy_to_arrayrecord(sent), "config": ConfigRecord(config)}),
+                   dst_node_id=1, message_type="train")
+
+
+def _trained_reply(msg: Message, trained: dict) -> Message:
+    return Message(RecordDict({"arrays": numpy_to_arrayrecord(trained), "metrics": MetricRecord({"num-examples": 3})}),
+                   reply_to=msg)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_client_mod_clips_the_update_it_sends(monkeypatch, per_layer):
+    set_task_identity(monkeypatch)
+    sent = {"w": np.zeros((4, 5), np.float32), "b": np.ones(5, np.float32)}
+    trained = {"w": np.full((4, 5), 3.0, np.float32), "b": np.full(5, 9.0, np.float32)}
+    key, value = (KEY_PER_LAYER_CLIPPING_NORM, 0.5) if per_layer else (KEY_CLIPPING_NORM, 0.5)
+    msg = _train_message({key: value, "lr": 0.1}, sent)
+    out = clipping_mod(msg, None, lambda m, _: _trained_reply(m, trained))
+    got = arrays_to_numpy(out.content.array_records["arrays"])
+    update = {k: got[k].astype(np.float64) - sent[k] for k in sent}
+    if per_layer:
+        assert all(update_norm({k: v}) == pytest.approx(0.5, rel=1e-5) for k, v in update.items())
+    else:
+        assert update_norm(update) == pytest.approx(0.5, rel=1e-5)
+    assert out.content.metric_records["metrics"]["num-examples"] == 3  # the rest of the reply is untouched
+
+
+def test_client_mod_passes_through_without_dp(monkeypatch):
+    set_task_identity(monkeypatch)
+    sent = {"w": np.zeros(3, np.float32)}
+    trained = {"w": np.full(3, 100.0, np.float32)}
+    msg = _train_message({"lr": 0.1}, sent)
+    out = clipping_mod(msg, None, lambda m, _: _trained_reply(m, trained))
+    np.testing.assert_array_equal(arrays_to_numpy(out.content.array_records["arrays"])["w"], trained["w"])
+
+
+# ---- server side ---------------------------------------------------------------------------------------------------
+
+START = {"w": np.zeros(20_000, np.float32), "roles.normalize.glob_mean": np.array([1.0, 2.0], np.float32),
+         "bn.running_var": np.full(50, 1e-4, np.float32)}
+
+
+def _replies(values: dict[int, float]) -> list[Message]:
+    out = []
+    for pid, value in values.items():
+        arrays = {"w": np.full(20_000, value, np.float32), "roles.normalize.glob_mean": np.array([5.0, 5.0], np.float32),
+                  "bn.running_var": np.full(50, 1e-4, np.float32)}
+        metrics = MetricRecord({"num-examples": 10 * (pid + 1), "train-loss": 1.0, "partition-id": pid})
+        out.append(reply(RecordDict({"arrays": numpy_to_arrayrecord(arrays), "metrics": metrics}), 100 + pid))
+    return out
+
+
+def _dp(noise: float, clip: float = 1.0, m: int = 4, n: int = 8) -> ClientLevelDP:
+    inner = build_strategy("fedavg", {}, num_clients=n, clients_per_round=m)
+    dp = ClientLevelDP(inner, noise_multiplier=noise, clipping_norm=clip, num_sampled_clients=m, num_clients=n,
+                       delta=1e-5, frozen_keys=["*.glob_mean"], seed=7)
+    dp._round_start = {k: v.copy() for k, v in START.items()}
+    return dp
+
+
+def test_without_noise_the_aggregate_is_the_clipped_mean_over_the_expected_clients():
+    dp = _dp(noise=0.0, clip=1.0, m=4)
+    # 3 of the 4 sampled clients reply; client 2's update (norm 100 * sqrt(20000)) is clipped to 1.
+    arrays, metrics = dp.aggregate_train(1, _replies({0: 0.001, 1: 0.002, 2: 100.0}))
+    got = arrays_to_numpy(arrays)
+    clipped_2 = 1.0 / math.sqrt(20_000)
+    np.testing.assert_allclose(got["w"], (0.001 + 0.002 + clipped_2) / 4, rtol=1e-5)  # divided by m = 4, not 3
+    np.testing.assert_array_equal(got["roles.normalize.glob_mean"], START["roles.normalize.glob_mean"])  # frozen
+    assert dp.last_weights == {0: 0.25, 1: 0.25, 2: 0.25}  # uniform, whatever the example counts
+    assert dp.last_report["dp_clipped_fraction"] == pytest.approx(1 / 3)
+    assert metrics["num-clients"] == 3
+
+
+def test_noise_has_std_z_c_over_m_and_spares_frozen_arrays():
+    dp = _dp(noise=2.0, clip=0.5, m=4)
+    arrays, _ = dp.aggregate_train(1, _replies({0: 0.0, 1: 0.0, 2: 0.0, 3: 0.0}))  # zero updates: pure noise
+    got = arrays_to_numpy(arrays)
+    expected = noise_std(2.0, 0.5, 4)
+    assert expected == pytest.approx(2.0 * 0.5 / 4)
+    assert float(np.std(got["w"])) == pytest.approx(expected, rel=0.03)
+    assert abs(float(np.mean(got["w"]))) < 4 * expected / math.sqrt(20_000)
+    np.testing.assert_array_equal(got["roles.normalize.glob_mean"], START["roles.normalize.glob_mean"])
+    assert got["bn.running_var"].min() >= np.float32(VARIANCE_FLOOR)  # noise must not make a variance negative
+    # Seeded noise: the same round draws the same noise (resumable); another round draws other noise.
+    again = arrays_to_numpy(_dp(noise=2.0, clip=0.5, m=4).aggregate_train(1, _replies({i: 0.0 for i in range(4)}))[0])
+    other = arrays_to_numpy(_dp(noise=2.0, clip=0.5, m=4).aggregate_train(2, _replies({i: 0.0 for i in range(4)}))[0])
+    np.testing.assert_array_equal(again["w"], got["w"])
+    assert not np.array_equal(other["w"], got["w"])
+
+
+def test_configure_train_asks_clients_to_clip_and_samples_m(monkeypatch):
+    set_task_identity(monkeypatch)
+    grid = FakeGrid(8, train_fn=None)
+    for per_layer, key in ((False, KEY_CLIPPING_NORM), (True, KEY_PER_LAYER_CLIPPING_NORM)):
+        dp = _dp(noise=1.0, clip=0.8, m=3)
+        dp.per_layer = per_layer
+        messages = list(dp.configure_train(1, numpy_to_arrayrecord(START), ConfigRecord({"lr": 0.1}), grid))
+        assert len(messages) == 3
+        expected = per_layer_norm(0.8, 2) if per_layer else 0.8  # the frozen array does not count as a layer
+        assert all(m.content["config"][key] == pytest.approx(expected) for m in messages)
+
+
+# ---- accountant ------------------------------------------------------------------------------------------------------
+
+def independent_epsilon(z: float, rounds: int, q: float, delta: float) -> float:
+    """RDP of the Poisson-subsampled Gaussian at integer orders (closed form, Mironov, Talwar, Zhang 2019, Sec. 3.3),
+    composed over rounds, converted with Canonne, Kamath, Steinke 2020 Prop. 12; best order."""
+    best = math.inf
+    for a in list(range(2, 64)) + [128, 256]:
+        terms = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
+                 + (a - k) * math.log1p(-q) + k * math.log(q) + (k * k - k) / (2 * z * z)
+                 for k in range(a + 1)] if q < 1 else [a * (a - 1) / (2 * z * z)]
+        top = max(terms)
+        log_a = top + math.log(sum(math.exp(t - top) for t in terms))
+        rdp = rounds * log_a / (a - 1)
+        best = min(best, rdp + math.log1p(-1 / a) - math.log(delta * a) / (a - 1))
+    return best
+
+
+@pytest.mark.parametrize("z,rounds,q", [(1.0, 20, 1.0), (1.1, 100, 0.1), (0.8, 5, 0.25)])
+def test_epsilon_matches_an_independent_rdp_computation(z, rounds, q):
+    ours = dp_epsilon(z, rounds, q, 1e-5)
+    reference = independent_epsilon(z, rounds, q, 1e-5)
+    # dp-accounting also tries fractional orders, so it may only be lower, and by little.
+    assert ours <= reference * (1 + 1e-9)
+    assert ours >= reference * 0.95
+
+
+def test_epsilon_falls_with_noise_rises_with_rounds_and_sampling():
+    assert dp_epsilon(2.0, 10, 1.0, 1e-5) < dp_epsilon(1.0, 10, 1.0, 1e-5) < dp_epsilon(0.5, 10, 1.0, 1e-5)
+    assert dp_epsilon(1.0, 5, 1.0, 1e-5) < dp_epsilon(1.0, 10, 1.0, 1e-5) < dp_epsilon(1.0, 40, 1.0, 1e-5)
+    assert dp_epsilon(1.0, 10, 0.1, 1e-5) < dp_epsilon(1.0, 10, 1.0, 1e-5)
+    assert dp_epsilon(1.0, 10, 0.1, 1e-5, "no-amplification") == dp_epsilon(1.0, 10, 1.0, 1e-5)
+    assert dp_epsilon(1.0, 0, 1.0, 1e-5) == 0.0 and dp_epsilon(0.0, 3, 1.0, 1e-5) == math.inf
+    # One Gaussian release, z = 1, delta = 1e-5: epsilon 4.73 (dp-accounting), 4.75 on integer orders only.
+    assert dp_epsilon(1.0, 1, 1.0, 1e-5) == pytest.approx(independent_epsilon(1.0, 1, 1.0, 1e-5), rel=0.02)
+
+
+# ---- configuration -----------------------------------------------------------------------------------------------------
+
+def test_dp_is_refused_with_softmax_weights_and_accepted_with_fedavg():
+    with pytest.raises(FLConfigError, match="privacy.enabled requires strategy.name: fedavg"):
+        config_from_dict({"strategy": {"name": "wer-softmax", "temperature": 0.01}, "privacy": {"enabled": True}})
+    with pytest.raises(FLConfigError, match="accounting"):
+        config_from_dict({"strategy": {"name": "fedavg"}, "privacy": {"enabled": True, "accounting": "moments"}})
+    config = config_from_dict({"strategy": {"name": "fedavg"}, "privacy": {"enabled": True, "noise_multiplier": "0.5"}})
+    assert config.privacy.noise_multiplier == 0.5
+    assert config_from_dict({}).privacy.enabled is False  # off by default
+
+
+def test_delta_must_be_below_one_over_the_number_of_clients():
+    inner = build_strategy("fedavg", {}, num_clients=4)
+    with pytest.raises(ValueError, match="privacy.delta"):
+        with_privacy(inner, Privacy(enabled=True, delta=0.3), num_clients=4, clients_per_round=None, seed=0)
+    assert with_privacy(inner, Privacy(enabled=False), num_clients=4, clients_per_round=None, seed=0) is inner
+    wrapped = with_privacy(inner, Privacy(enabled=True), num_clients=4, clients_per_round=2, seed=0)
+    assert isinstance(wrapped, ClientLevelDP) and wrapped.sampling_rate == 0.5
+
+
+def test_dp_epsilon_command_prints_the_accountant_value(capsys):
+    from fedasr.cli import main
+
+    assert main(["dp-epsilon", "--noise", "1.1", "--rounds", "30", "--sampling-rate", "0.1", "--delta", "1e-6"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["epsilon"] == pytest.approx(dp_epsilon(1.1, 30, 0.1, 1e-6))
+    assert main(["dp-epsilon", "--noise", "1", "--rounds", "3", "--sampling-rate", "1.5"]) == 2  # clear error, no trace
+    assert "sampling rate" in capsys.readouterr().err
+
+
+# ---- the real server loop with DP (fake ASR system, in-process grid) ---------------------------------------------------
+
+def _dp_run(tmp_path, monkeypatch, **extra):
+    from fedasr.fl import client_app
+    from fedasr.fl.server_app import FederatedRun
+
+    set_task_identity(monkeypatch)
+    clients = tuple({"train": f"client-{i}/train.csv", "valid": f"client-{i}/valid.csv"} for i in range(12))
+    monkeypatch.setattr(client_app, "partition_clients", lambda partition: clients)
+    client_app.cached_system.cache_clear()
+    settings = {"rounds": 4, "local_epochs": 2, "lr": 0.2, "batch_size": 4, "seed": 7, "system": "fl_fakes:FakeASR",
+                "clients_per_round": 4, "strategy": {"name": "fedavg"},
+                "privacy": {"enabled": True, "noise_multiplier": 0.5, "clipping_norm": 0.05,
+                            "frozen_keys": ["normaliser_mean"]}}
+    return FederatedRun(config=config_from_dict(settings), seed_checkpoint="seed", partition="p.json",
+                        output_dir=str(tmp_path), dev_manifest="dev.csv", test_manifest="test.csv", num_clients=12,
+                        **extra)
+
+
+def _grid():
+    from fedasr.fl import client_app
+
+    return FakeGrid(12, lambda arrays, config, pid: client_app.train_on_partition(arrays, config, "p.json", pid))
+
+
+def _rows(path):
+    rows = [json.loads(line) for line in open(path / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "seconds" and "fit_seconds" not in k} for r in rows]
+
+
+def test_dp_server_loop_logs_epsilon_and_a_resumed_run_draws_the_same_noise(tmp_path, monkeypatch):
+    from fedasr.fl.server_app import run_server
+
+    summary = run_server(_grid(), _dp_run(tmp_path / "full", monkeypatch))
+    rows = _rows(tmp_path / "full")
+    q = 4 / 12
+    assert [r["dp_epsilon"] for r in rows[1:]] == pytest.approx([dp_epsilon(0.5, r, q, 1e-5) for r in (1, 2, 3, 4)])
+    assert summary["dp_epsilon"] == rows[-1]["dp_epsilon"] and summary["dp_delta"] == 1e-5
+    assert all(r["dp_max_update_norm"] > 0.05 for r in rows[1:])  # the fake clients do not clip: the server does
+    run_server(_grid(), _dp_run(tmp_path / "cut", monkeypatch, stop_after_round=2))
+    run_server(_grid(), _dp_run(tmp_path / "cut", monkeypatch, resume=True))
+    assert _rows(tmp_path / "cut") == rows

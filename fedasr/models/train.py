@@ -109,11 +109,11 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     with track_energy(out_dir):  # energy.json, when codecarbon is installed
         brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["dev"],
                   train_loader_kwargs=dict(loader), valid_loader_kwargs=dict(eval_loader))
+        epochs_trained = brain.hparams.epoch_counter.current  # before testing recovers the best epoch's counter
         best = brain.checkpointer.find_checkpoint(min_key="WER") if hp["valid_search"] else None
         # Test the best checkpoint by dev WER (the latest one when the dev set is not decoded).
         brain.evaluate(datasets["test"], min_key="WER" if best is not None else None,
                        test_loader_kwargs=dict(eval_loader))
-    epochs_trained = brain.hparams.epoch_counter.current
     model = brain.modules.model
     test_wer = brain.test_stats.get("WER", float("nan")) / 100
     model.freeze_normalizer()

@@ -60,6 +60,7 @@ def test_tiny_model_learns_the_synthetic_corpus(central_run):
     out = central_run["out"]
     wers = valid_wers(out / "train_log.txt")
     assert sorted(wers) == list(range(1, TRAIN_EPOCHS + 1))
+    assert central_run["epochs"] == TRAIN_EPOCHS  # epochs trained, even when the best checkpoint is an earlier one
     first, best = wers[1], min(wers.values())
     print(f"dev WER after epoch 1: {first:.1f} %, best: {best:.1f} %, test WER {100 * central_run['test_wer']:.1f} %")
     assert best < 0.5 * first and best < 75.0  # measured: 319 % -> 52.6 % (dev), test WER 6.2 % (beam)

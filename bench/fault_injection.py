@@ -23,7 +23,6 @@ DIR of --corpus: a prepared manifest folder (train.csv, dev.csv); --seed-checkpo
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import math
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fl_overhead import pseudo_speaker_manifest, run_federate  # noqa: E402  (the same corpus and runner)
+from fl_overhead import fl_bench_parser, pseudo_speaker_manifest, run_federate  # noqa: E402  (same corpus, runner)
 
 KINDS = {"crash": "crashed in round", "dropout": "dropped out in round", "deadline": "no reply within the round deadline",
          "nan": "NaN or infinity"}
@@ -65,13 +64,9 @@ def data_lost(out: Path, rows: list[dict], rounds: int) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", required=True, help="prepared manifest folder (train.csv, dev.csv)")
-    parser.add_argument("--seed-checkpoint", required=True)
-    parser.add_argument("--work-dir", required=True)
+    parser = fl_bench_parser(__doc__, rounds=5)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--per-round", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--slow", type=float, default=0.1, help="fraction of stragglers (they miss the deadline)")
     parser.add_argument("--round-timeout", type=float, default=60.0)

@@ -72,12 +72,18 @@ def report(name: str, rows: list[dict], workers: int) -> dict:
     return med
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fl_bench_parser(doc: str, *, rounds: int) -> argparse.ArgumentParser:
+    """The arguments every federated bench takes: the corpus, the seed checkpoint, a work folder, rounds."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--corpus", required=True, help="prepared manifest folder (train.csv, dev.csv)")
     parser.add_argument("--seed-checkpoint", required=True)
     parser.add_argument("--work-dir", required=True)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser
+
+
+def main() -> None:
+    parser = fl_bench_parser(__doc__, rounds=3)
     parser.add_argument("--device-clients", type=int, default=1000)
     parser.add_argument("--skip", choices=["silo", "device"], default=None)
     args = parser.parse_args()

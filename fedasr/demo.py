@@ -18,11 +18,13 @@ reference does; the federated runs start from the warm-up seed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,7 @@ import yaml
 
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
 from fedasr.experiment import RunId, run_dir, save_run_config
-from fedasr.utils.settings import deep_merge, parse_dotted_overrides
+from fedasr.utils.settings import check_settings, deep_merge, parse_dotted_overrides, schema_from_signature
 from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
 from fedasr.utils.preflight import check_writable
 
@@ -39,8 +41,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "hparams" / "pipeline" / "demo.yaml"
 STAGES = ("synth", "prepare", "partition", "warmup", "central", "cross-silo", "cross-device", "compare")
 FL_MODES = ("cross-silo", "cross-device")
-SECTIONS = ("dataset", "language", "model", "seed", "threads", "corpus", "prepare", "partition", "experiment", "warmup",
-            "central", "cross_silo", "cross_device", "evaluation", "compare")
 
 
 class PipelineError(ValueError):
@@ -62,20 +62,121 @@ def parse_set_overrides(pairs: list[str] | None) -> dict:
 
 
 def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: dict | None = None) -> dict:
-    """The pipeline YAML with ``overrides`` applied; unknown top-level keys are errors."""
+    """The pipeline YAML with ``overrides`` applied, checked whole before any stage runs.
+
+    Every stage reads its settings only when it starts, so a typo in the cross-device section would otherwise
+    surface hours in: keys, types, the experiment and model YAMLs, the fl hparams and the report profile are all
+    checked here, each error naming the file (or the --set overrides), the key and the valid keys.
+    """
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: pipeline config not found; use hparams/pipeline/demo.yaml or commonvoice.yaml")
-    with open(path, encoding="utf-8") as handle:
-        config = yaml.safe_load(handle) or {}
-    config = deep_merge(config, overrides or {})
-    unknown = sorted(set(config) - set(SECTIONS))
-    if unknown:
-        raise PipelineError(f"{path}: unknown key(s) {unknown} (after overrides); valid keys are {list(SECTIONS)}")
-    missing = [k for k in SECTIONS if k not in config]
-    if missing:
-        raise PipelineError(f"{path}: missing key(s) {missing}; copy them from hparams/pipeline/demo.yaml")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path}: not valid YAML ({err}); compare it with hparams/pipeline/demo.yaml") from None
+    source = f"{path} (with the --set overrides)" if overrides else str(path)
+    check_pipeline_settings(overrides or {}, source="--set overrides", complete=False)
+    config = deep_merge(config, overrides or {}) if isinstance(config, dict) else config
+    check_pipeline_settings(config, source=source)
+    check_pipeline_references(config, source=source)
     return config
+
+
+_FIX = "Every key is documented in hparams/pipeline/demo.yaml."
+_FL_SECTION = {"hparams": str, "set": (dict, type(None))}
+_PIPELINE_SCHEMA = {
+    "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "corpus": dict, "prepare": dict,
+    "partition": {"warmup_speakers": int, "cross_silo_clients": int, "cross_device_clients": (int, type(None)),
+                  "min_utterances": int, "valid_fraction": float, "seed": int},
+    "experiment": str, "warmup": dict, "central": dict, "cross_silo": dict, "cross_device": dict,
+    "evaluation": {"decoding": str}, "compare": dict,
+}
+DECODINGS = ("beam", "greedy")
+
+
+def check_pipeline_settings(config: dict, *, source: str, complete: bool = True) -> None:
+    """Keys and value types of a pipeline config (``complete=False``: a partial one, e.g. the --set overrides).
+
+    ``corpus``, ``prepare`` and ``compare`` hold keyword options of the function their stage calls, so their
+    valid keys are read from that function's signature (optional keys: the function has defaults)."""
+    from fedasr.data.commonvoice import prepare_common_voice
+    from fedasr.data.synth import synthesize_corpus
+    from fedasr.report.compare import compare_runs
+
+    check_settings(config, _PIPELINE_SCHEMA, source=source, complete=complete, fix=_FIX, error=PipelineError)
+    optional_sections = {"corpus": schema_from_signature(synthesize_corpus, skip=("lang",)),
+                         "prepare": schema_from_signature(prepare_common_voice, skip=("lang",)),
+                         "compare": schema_from_signature(compare_runs),
+                         "cross_silo": _FL_SECTION, "cross_device": _FL_SECTION}
+    for name, schema in optional_sections.items():
+        if name in config:
+            check_settings(config[name], schema, source=source, section=f"{name}.", complete=False, fix=_FIX,
+                           error=PipelineError)
+    for name in ("cross_silo", "cross_device"):
+        if complete and "hparams" not in config[name]:
+            raise PipelineError(f"{source}: missing key {name}.hparams (the fl hparams file, e.g. "
+                                f"hparams/fl/{name}.yaml). {_FIX}")
+    if "threads" in config and config["threads"] < 1:
+        raise PipelineError(f"{source}: threads must be >= 1, got {config['threads']}. {_FIX}")
+    decoding = (config.get("evaluation") or {}).get("decoding")
+    if decoding is not None and decoding not in DECODINGS:
+        raise PipelineError(f"{source}: evaluation.decoding must be one of {DECODINGS}, got {decoding!r}. {_FIX}")
+
+
+def check_pipeline_references(config: dict, *, source: str) -> None:
+    """What the pipeline config points at: the experiment and model YAMLs (and the keys ``warmup`` / ``central``
+    override in them), the fl hparams with their ``set`` overrides, the report's device profile and grid."""
+    from fedasr.fl.config import load_fl_config, parse_overrides, strategy_name_and_settings
+    from fedasr.fl.strategies.factory import build_strategy
+    from fedasr.models.hparams import compose_yaml, override_schema
+    from fedasr.report.energy import device_profile, grid_intensity
+
+    try:
+        experiment = experiment_file(config)
+    except (KeyError, IndexError, ValueError) as err:
+        raise PipelineError(f"{source}: experiment {config['experiment']!r} cannot be filled in ({err!r}); the only "
+                            "placeholder is {language}, e.g. hparams/CommonVoice/{language}.yaml") from None
+    if not experiment.is_file():
+        known = sorted(p.name for p in experiment.parent.glob("*.yaml"))
+        raise PipelineError(f"{source}: experiment {str(experiment)!r} (key `experiment`, language "
+                            f"{config['language']!r}) not found; files there: {known}")
+    try:
+        text, _ = compose_yaml(experiment, str(config["model"]))
+    except ValueError as err:
+        raise PipelineError(f"{source}: key `model` or `experiment`: {err}") from None
+    experiment_keys = override_schema(text)
+    for name in ("warmup", "central"):
+        fix = f"`{name}` overrides keys of the experiment {experiment.name} and its model {config['model']}."
+        check_settings(config[name], experiment_keys, source=source, section=f"{name}.", complete=False, fix=fix,
+                       error=PipelineError)
+    for name in ("cross_silo", "cross_device"):
+        section = config[name]
+        try:
+            fl = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
+            clients = fl.clients_per_round or 1  # the partition does not exist yet: any count that fits
+            with quiet_logger("flwr"):  # a trial build: its sampling warnings would come again at the stage
+                build_strategy(*strategy_name_and_settings(fl), num_clients=clients, clients_per_round=clients)
+        except ValueError as err:
+            raise PipelineError(f"{source}: {name}.hparams / {name}.set: {err}") from None
+    try:
+        device_profile(config["compare"].get("profile", "v100"))
+        grid_intensity(config["compare"].get("grid", "france"))
+    except ValueError as err:
+        raise PipelineError(f"{source}: compare: {err}") from None
+
+
+@contextmanager
+def quiet_logger(name: str):
+    """Only errors from logger ``name`` while the block runs."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def repo_path(path: str) -> Path:
@@ -300,7 +401,8 @@ class RoundWatcher(threading.Thread):
 
 
 def do_federate(layout: Layout, mode: str, echo) -> None:
-    from fedasr.fl.config import load_fl_config, parse_overrides
+    from fedasr.fl.config import load_fl_config, parse_overrides, strategy_name_and_settings
+    from fedasr.fl.strategies.factory import build_strategy
 
     section = layout.config[mode.replace("-", "_")]
     out = layout.run(mode)

@@ -18,10 +18,13 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedasr.fl.arrays import arrayrecord_to_state, encode_update, state_to_arrayrecord
+from fedasr.fl.arrays import all_finite, arrayrecord_to_state, encode_update, state_to_arrayrecord
 from fedasr.fl.config import import_system_class
 from fedasr.fl.faults import inject_fault
 from fedasr.fl.privacy import clipping_mod
+from fedasr.fl.secure import (
+    SECURE_ROUND_KEY, is_secure_sum_request, keep_update, secure_aggregation_mod, weighted_update_reply,
+)
 from fedasr.fl.strategies.replies import (
     FIT_SECONDS,
     LOCAL_WER,
@@ -110,15 +113,25 @@ def node_partition(context: Context, config) -> tuple[str, int]:
     return partition, int(node["partition-id"])
 
 
-app = ClientApp(mods=[clipping_mod])  # clips updates when the round asks for DP (fedasr/fl/privacy.py)
+# SecAgg+ messages go through Flower's secaggplus_mod (fedasr/fl/secure.py); updates are clipped when the round asks
+# for DP (fedasr/fl/privacy.py); other messages pass both.
+app = ClientApp(mods=[secure_aggregation_mod, clipping_mod])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if is_secure_sum_request(msg):  # second step of a secure round: the kept update, weighted, to be masked
+        return weighted_update_reply(msg, context)
     config = msg.content["config"]
     partition, partition_id = node_partition(context, config)
     faulty_reply = inject_fault(msg, config, partition_id)  # None unless the fl hparams inject faults
     if faulty_reply is not None:
         return faulty_reply
     arrays, metrics = train_on_partition(msg.content["arrays"], config, partition, partition_id)
+    if config.get(SECURE_ROUND_KEY, False):  # the update stays here until SecAgg+ asks for it, masked
+        if not all_finite(arrays):
+            raise FloatingPointError(f"client {partition_id}: the update holds NaN or infinity (diverged local "
+                                     "training); it is not sent")
+        keep_update(context, arrays, msg.content["arrays"])
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)

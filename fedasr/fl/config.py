@@ -58,6 +58,18 @@ class Privacy:
 
 
 @dataclass
+class SecureAggregation:
+    """SecAgg+ (fedasr/fl/secure.py): the server learns the weighted sum of the clients' updates, no single one."""
+
+    enabled: bool = False
+    num_shares: int | float = 1.0  # int > 2: key shares per client; float in (0, 1]: that share of the round's clients
+    reconstruction_threshold: int | float = 0.5  # shares needed to unmask a dropout: int, or float share of num_shares
+    clipping_range: float = 8.0  # every value alpha_k * (x_k - x) a client sends must lie in [-range, range]
+    quantization_range: int = 4194304  # 2**22 integer levels over [-clipping_range, clipping_range]
+    modulus_range: int = 4294967296  # 2**32: masks and sums are taken modulo this power of 2
+
+
+@dataclass
 class FLConfig:
     mode: str = "cross-silo"
     rounds: int = 5
@@ -80,6 +92,7 @@ class FLConfig:
     max_failed_rounds: int = 3  # this many skipped rounds in a row stop the run (checkpointed) with an error
     faults: Faults = field(default_factory=Faults)  # fault injection for studies and tests (off by default)
     privacy: Privacy = field(default_factory=Privacy)  # client-level differential privacy (off by default)
+    secure_aggregation: SecureAggregation = field(default_factory=SecureAggregation)  # SecAgg+ (off by default)
     system: str = DEFAULT_SYSTEM  # "module:Class" implementing fedasr.models.api.ASRSystem
     system_overrides: dict = field(default_factory=dict)
 
@@ -136,6 +149,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
         values["evaluation"] = _typed(Evaluation(**(values.get("evaluation") or {})))
         values["faults"] = _typed(faults_from_dict(values.get("faults")))
         values["privacy"] = _typed(Privacy(**(values.get("privacy") or {})))
+        values["secure_aggregation"] = _typed(SecureAggregation(**(values.get("secure_aggregation") or {})))
         config = _typed(FLConfig(**values))
     except (TypeError, ValueError) as err:
         raise FLConfigError(f"{source}: {err}. See the keys documented in hparams/fl/cross_silo.yaml.") from None
@@ -186,6 +200,9 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
     privacy_problem = check_privacy(config)
     if privacy_problem:
         fail(privacy_problem)
+    secure_problem = check_secure_aggregation(config)
+    if secure_problem:
+        fail(secure_problem)
     if config.client_num_cpus <= 0 or config.client_num_gpus < 0:
         fail(f"client_num_cpus must be > 0 and client_num_gpus >= 0, got {config.client_num_cpus} and "
              f"{config.client_num_gpus}")
@@ -215,6 +232,42 @@ def check_privacy(config: FLConfig) -> str | None:
         return f"privacy.accounting must be poisson or no-amplification, got {p.accounting!r}"
     if not isinstance(p.frozen_keys, list) or not all(isinstance(k, str) for k in p.frozen_keys):
         return f"privacy.frozen_keys must be a list of key patterns, got {p.frozen_keys!r}"
+    return None
+
+
+SECURE_STRATEGIES = ("wer-softmax", "loss-softmax", "fedavg")
+
+
+def check_secure_aggregation(config: FLConfig) -> str | None:
+    """None when the secure-aggregation settings are usable, else what is wrong and how to fix it."""
+    s = config.secure_aggregation
+    if not s.enabled:
+        return None
+    name = config.strategy.get("name")
+    if name not in SECURE_STRATEGIES:
+        return (f"secure_aggregation works with the strategies {SECURE_STRATEGIES} (weights known before the sum), "
+                f"got {name!r}: set strategy.name to one of them or secure_aggregation.enabled: false")
+    if name == "wer-softmax" and config.wer_source == "server" and config.strategy.get("mix", 1.0) > 0:
+        return ("secure_aggregation needs wer_source: client (with wer_source: server the server decodes every "
+                "client's model, which secure aggregation exists to hide): set wer_source: client")
+    if config.privacy.enabled:
+        return "secure_aggregation is not combined with privacy yet: enable one of the two"
+    if config.update_encoding != "fp32":
+        return "secure_aggregation quantizes the updates itself: set update_encoding: fp32"
+    shares, threshold = s.num_shares, s.reconstruction_threshold
+    if isinstance(shares, bool) or not isinstance(shares, (int, float)) or (
+            isinstance(shares, int) and shares <= 2) or (isinstance(shares, float) and not 0 < shares <= 1):
+        return f"secure_aggregation.num_shares must be an int > 2 or a float in (0, 1], got {shares!r}"
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or (
+            isinstance(threshold, int) and not 2 <= threshold < (shares if isinstance(shares, int) else 10**9)) or (
+            isinstance(threshold, float) and not 0 < threshold <= 1):
+        return ("secure_aggregation.reconstruction_threshold must be an int in [2, num_shares) or a float in (0, 1], "
+                f"got {threshold!r}")
+    if s.clipping_range <= 0 or s.quantization_range <= 1 or s.modulus_range <= s.quantization_range or (
+            s.modulus_range & (s.modulus_range - 1)) or s.modulus_range > 2**32:
+        return ("secure_aggregation needs clipping_range > 0, quantization_range > 1 and modulus_range a power of 2 "
+                f"above quantization_range and at most 2**32, got {s.clipping_range}, {s.quantization_range}, "
+                f"{s.modulus_range}")
     return None
 
 

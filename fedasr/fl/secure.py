@@ -17,22 +17,44 @@ aggregation ``wer_source`` must be ``client`` (a server that scores each client'
 Mixed weights (mix < 1) are two ratios: mix * (sum e_k x_k / sum e_k) + (1 - mix) * (sum n_k x_k / sum n_k), i.e.
 two secure sums per round.
 
-Status in Flower 1.42 (see the report of issue 7): the SecAgg+ protocol exists only for the legacy
-Driver/Strategy API. ``SecAggPlusWorkflow.__call__`` requires a ``LegacyContext`` holding a legacy
-``flwr.server.strategy.Strategy`` (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py, ``__call__``,
-``setup_stage`` calls ``context.strategy.configure_fit``, the unmask stage ``aggregate_fit``), and the client mod
-``secaggplus_mod`` reads the training reply through ``compat.recorddict_to_fitres`` (it needs the legacy
-``fitres.parameters`` / ``fitres.num_examples`` records, flwr/client/mod/secure_aggregation/secaggplus_mod.py)
-and takes the weight from the integer ``num_examples``. There is no SecAgg strategy or mod for the Message API
-(flwr.serverapp.strategy, flwr.clientapp.mod). This module holds the arithmetic that any secure-sum protocol
-needs; tests/unit/test_secure_aggregation.py also runs it through Flower's real SecAgg+ masking and unmasking.
+In a run (``secure_aggregation.enabled`` in the fl hparams) a round has two steps, both through the Grid:
+
+1. training: each sampled client trains, keeps its update d_k = x_k - x in its node state and replies with its
+   metrics only (examples, loss, its own WER): no arrays leave the client in the clear;
+2. SecAgg+ (Flower's ``SecAggPlusWorkflow`` on the server, ``secaggplus_mod`` on the clients): the server sends each
+   client its weight alpha_k, computed by the strategy from the metrics exactly as in a plain round (softmax over
+   1 - WER, FedAvg shares, mixes), and the protocol reveals sum_k alpha_k d_k / sum_k alpha_k. The new global model
+   is x + server_lr * that. A client that drops out during the protocol is unmasked from its neighbours' shares
+   and left out of both sums, as a failed reply is in a plain round.
+
+The weights are normalised (alpha_k <= 1, SecAgg+'s ``max_weight`` = 1) and quantized to ``quantization_range``
+levels, so alpha_k below about 1 / quantization_range counts as 0 (at T = 0.01 these clients' softmax weights are
+below 2e-7 anyway). Every value alpha_k * d_k must lie in [-clipping_range, clipping_range]: a client whose update
+does not fit refuses to send it (an error naming the setting to raise) instead of being clipped silently.
+
+Flower 1.42 has the SecAgg+ protocol only for the legacy Strategy API: ``SecAggPlusWorkflow`` needs a
+``LegacyContext`` with a legacy ``flwr.server.strategy.Strategy`` (here :class:`_WeightsOnly`, which hands out the
+weights and keeps the sum), and ``secaggplus_mod`` reads the legacy ``fitres`` records on the client. The functions
+above the run section hold the arithmetic that any secure-sum protocol needs (the pre-weighted form of the softmax).
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
+
+log = logging.getLogger(__name__)
 
 
 def softmax_shift(temperature: float, reference_score: float = 1.0) -> float:
@@ -85,3 +107,179 @@ def secure_softmax_aggregate(models: Sequence[Mapping[str, np.ndarray]], scores:
     weights = [client_weight(s, temperature, shift) for s in scores]
     summed = sum_vectors([preweight(m, w) for m, w in zip(models, weights)])
     return unweight(summed, sum(weights), {k: np.asarray(v).dtype for k, v in models[0].items()})
+
+
+# ---- secure aggregation in a run -------------------------------------------------------------------------------------
+
+SECURE_ROUND_KEY = "secure-aggregation"  # in a round's config: keep the update, reply with metrics only
+UPDATE_RECORD = "fedasr.secure-update"  # node state: the update d_k waiting for the SecAgg+ step
+WEIGHT_KEY = "fedasr-weight"  # in the SecAgg+ step's FitIns config: alpha_k
+CLIPPING_RANGE_KEY = "fedasr-clipping-range"
+FITINS_CONFIG = "fitins.config"  # the record through which the legacy FitIns config reaches the client
+SECAGG_CONFIGS = "secaggplus_configs"  # the record SecAgg+ messages carry (flwr secaggplus_constants)
+
+
+class UpdateOutOfRangeError(ValueError):
+    """A client's weighted update has values beyond SecAgg+'s clipping range; the message names the setting."""
+
+
+def keep_update(context: Context, trained: ArrayRecord, received: ArrayRecord) -> None:
+    """Client, training step: store d_k = trained - received (float64) until the SecAgg+ step asks for it."""
+    context.state.array_records[UPDATE_RECORD] = ArrayRecord({
+        key: _array(np.asarray(trained[key].numpy(), np.float64) - np.asarray(received[key].numpy(), np.float64))
+        for key in sorted(trained.keys())})
+
+
+def is_secure_sum_request(msg: Message) -> bool:
+    """True for the SecAgg+ step that asks for the weighted update (its content is the legacy FitIns)."""
+    return FITINS_CONFIG in msg.content.config_records
+
+
+def weighted_update_reply(msg: Message, context: Context) -> Message:
+    """Client, SecAgg+ step: the stored update with the weight the server computed, as the legacy FitRes that
+    ``secaggplus_mod`` masks (it multiplies the arrays by the weight; the update leaves only masked)."""
+    if UPDATE_RECORD not in context.state.array_records:
+        raise RuntimeError("SecAgg+ asked for an update this node does not hold (its training step failed or was "
+                           "not received)")
+    config = msg.content.config_records[FITINS_CONFIG]
+    weight, clipping_range = float(config[WEIGHT_KEY]), float(config[CLIPPING_RANGE_KEY])
+    record = context.state.array_records.pop(UPDATE_RECORD)
+    update = [record[key].numpy() for key in sorted(record.keys())]
+    largest = max(float(np.abs(a).max()) if a.size else 0.0 for a in update) * weight
+    if largest > clipping_range:
+        raise UpdateOutOfRangeError(
+            f"weighted update value {largest:.3g} exceeds secure_aggregation.clipping_range {clipping_range:g}: "
+            "raise clipping_range in the fl hparams (each doubling costs one bit of precision, see "
+            "quantization_range) or lower the client lr")
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), weight, {})  # type: ignore[arg-type]
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """ClientApp mod: SecAgg+ messages go through Flower's ``secaggplus_mod``; every other message passes."""
+    if SECAGG_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, ctxt, call_next)
+
+
+class _Proxy(ClientProxy):
+    """The legacy API addresses clients through proxies; SecAgg+ only reads their node ids."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_parameters(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def fit(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def evaluate(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def reconnect(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class _WeightsOnly(LegacyStrategy):
+    """The legacy strategy SecAgg+ drives: sends each node its weight, keeps the unmasked weighted average."""
+
+    def __init__(self, node_weights: Mapping[int, float], clipping_range: float) -> None:
+        self.node_weights = dict(node_weights)
+        self.clipping_range = clipping_range
+        self.average: list[np.ndarray] | None = None
+        self.summed_nodes = 0
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [(_Proxy(node), FitIns(parameters, {WEIGHT_KEY: float(weight), CLIPPING_RANGE_KEY: self.clipping_range}))
+                for node, weight in sorted(self.node_weights.items())]
+
+    def aggregate_fit(self, server_round, results, failures):
+        if results:
+            self.average = parameters_to_ndarrays(results[0][1].parameters)  # every result holds the same sum
+            self.summed_nodes = len(results)
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _RecordingGrid:
+    """The run's Grid, noting which node sent each error reply during the protocol (SecAgg+ keeps only reasons)
+    and the bytes the replies carried (keys, shares and masked vectors travel as bytes in ConfigRecords)."""
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self.errors: dict[int, str] = {}
+        self.bytes_received = 0
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.setdefault(reply.metadata.src_node_id, str(reply.error.reason))
+                continue
+            for record in reply.content.config_records.values():
+                for value in record.values():
+                    items = value if isinstance(value, list) else [value]
+                    self.bytes_received += sum(len(item) for item in items if isinstance(item, bytes))
+        return replies
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+
+@dataclass
+class SecureSum:
+    """What one SecAgg+ step gives the server."""
+
+    average: dict[str, np.ndarray] | None  # sum alpha_k d_k / sum alpha_k by key; None: the protocol halted
+    failed: dict[int, str]  # node id -> reason, for the nodes that failed during the protocol
+    bytes_received: int  # what the protocol's replies carried (keys, shares, masked vectors)
+
+
+def secure_weighted_average(grid, node_weights: Mapping[int, float], keys: Sequence[str], server_round: int,
+                            settings, timeout: float | None) -> SecureSum:
+    """Run SecAgg+ over the nodes holding an update (``settings``: the fl hparams' SecureAggregation)."""
+    if len(node_weights) < 2:  # a "sum" of one update is that update
+        return SecureSum(None, {node: "secure aggregation needs at least 2 clients in a round" for node in node_weights}, 0)
+    strategy = _WeightsOnly(node_weights, float(settings.clipping_range))
+    state = RecordDict()
+    state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(server_round)})
+    state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()  # the clients hold their updates: nothing to send
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
+                            strategy=strategy)
+    recording = _RecordingGrid(grid)
+    SecAggPlusWorkflow(
+        num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold, max_weight=1.0,
+        clipping_range=float(settings.clipping_range), quantization_range=int(settings.quantization_range),
+        modulus_range=int(settings.modulus_range), timeout=timeout,
+    )(recording, context)
+    if strategy.average is None:
+        failed = recording.errors or {node: "secure aggregation halted: fewer clients than the reconstruction "
+                                            "threshold took part" for node in node_weights}
+        return SecureSum(None, failed, recording.bytes_received)
+    if len(strategy.average) != len(keys):
+        raise ValueError(f"SecAgg+ returned {len(strategy.average)} arrays, the global model has {len(keys)}")
+    return SecureSum(dict(zip(sorted(keys), strategy.average)), recording.errors, recording.bytes_received)
+
+
+def _array(value: np.ndarray):
+    from flwr.app import Array
+
+    return Array(np.ascontiguousarray(value))

@@ -41,8 +41,11 @@ from fedasr.fl.config import FLConfig, config_from_json, import_system_class, st
 from fedasr.fl.faults import CONFIG_KEY as FAULTS_CONFIG_KEY
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsLog
 from fedasr.fl.privacy import privacy_round_report, with_privacy
+from fedasr.fl.secure import SECURE_ROUND_KEY, secure_weighted_average
 from fedasr.fl.strategies import build_strategy
-from fedasr.fl.strategies.replies import PARTITION_ID, array_spec, missing_replies, usable_replies
+from fedasr.fl.strategies.replies import (
+    PARTITION_ID, array_spec, missing_replies, partition_of, short_error, usable_replies,
+)
 from fedasr.report.round_log import write_round_logs
 from fedasr.utils.io import atomic_open, atomic_write_json
 from fedasr.utils.preflight import check_writable, space_for_copies
@@ -89,6 +92,7 @@ class FederatedRun:
             "update-encoding": c.update_encoding,
             "server-round": int(server_round),
             **({FAULTS_CONFIG_KEY: c.faults.to_json(c.seed)} if c.faults.enabled else {}),
+            **({SECURE_ROUND_KEY: True} if c.secure_aggregation.enabled else {}),
         })
 
     def fingerprint(self) -> dict:
@@ -253,11 +257,17 @@ def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -
     decode_replies(replies, arrays)  # encoded updates -> fp32 weights, before any check or strategy sees them
     # Unusable replies (errors, NaN, arrays that do not fit the global model) are set aside before the strategy
     # sees them, so a round with fewer than min_clients usable ones leaves the strategy's state untouched.
-    kept, dropped = usable_replies(replies, array_spec(arrays), sent=messages)
+    secure = cfg.secure_aggregation.enabled  # replies hold metrics only; the updates come through SecAgg+
+    kept, dropped = usable_replies(replies, array_spec(arrays), sent=messages, with_arrays=not secure)
     missing = missing_replies(messages, replies, cfg.round_timeout)
     new_arrays, train_metrics, clients = None, None, []
     if len(kept) >= cfg.min_clients:
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
+        if secure:
+            new_arrays, train_metrics, protocol = _secure_aggregate(grid, run, server_round, arrays, strategy, kept)
+            bytes_received += protocol["bytes_received"]
+            dropped += protocol["failed"]
+        else:
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, kept)
         dropped += list(getattr(strategy, "last_dropped", []))  # the strategy's own refusals (e.g. a NaN score)
         clients = list(getattr(strategy, "last_clients", [])) if new_arrays is not None else []
     aggregated = time.perf_counter()
@@ -282,6 +292,35 @@ def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -
     row["seconds"] = {"send_receive": received - started, "aggregate": aggregated - received,
                       "evaluate": time.perf_counter() - aggregated, "round": time.perf_counter() - started}
     return arrays, row
+
+
+def _secure_aggregate(grid, run, server_round, arrays, strategy, replies) -> tuple[ArrayRecord | None, object, dict]:
+    """The SecAgg+ step of a secure round: the strategy weighs the clients from their metrics, SecAgg+ sums the
+    weighted updates they kept (fedasr/fl/secure.py); returns (new arrays or None, train metrics, protocol report)."""
+    cfg = run.config
+    kept, weights = strategy.client_weights(server_round, replies, with_arrays=False)
+    if weights is None:
+        return None, None, {"failed": [], "bytes_received": 0}
+    node_weights = {m.metadata.src_node_id: float(w) for m, w in zip(kept, weights)}
+    clients = {m.metadata.src_node_id: partition_of(m) for m in kept}
+    result = secure_weighted_average(grid, node_weights, list(arrays.keys()), server_round, cfg.secure_aggregation,
+                                     cfg.round_timeout)
+    failed = [(clients.get(node, node), f"secure aggregation: {short_error(reason)}")
+              for node, reason in sorted(result.failed.items())]
+    report = {"failed": failed, "bytes_received": result.bytes_received}
+    if result.average is None:
+        strategy.last_clients = []
+        return None, None, report
+    # SecAgg+ divides by the summed weights of the clients that finished: those clients, renormalised.
+    finished = [m for m in kept if m.metadata.src_node_id not in result.failed]
+    total = sum(node_weights[m.metadata.src_node_id] for m in finished)
+    strategy.last_clients = [partition_of(m) for m in finished]
+    strategy.last_weights = {partition_of(m): node_weights[m.metadata.src_node_id] / total for m in finished}
+    current = arrays_to_numpy(arrays)
+    averaged = {key: (current[key].astype(np.float64) + result.average[key]).astype(current[key].dtype)
+                for key in current}
+    weights_finished = np.array([strategy.last_weights[c] for c in strategy.last_clients])
+    return numpy_to_arrayrecord(strategy.apply_server_lr(averaged)), strategy.round_metrics(finished, weights_finished), report
 
 
 class TooManyFailedRoundsError(RuntimeError):

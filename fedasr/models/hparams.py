@@ -16,7 +16,6 @@ Command-line overrides are then applied by HyperPyYAML with ``overrides_must_mat
 
 from __future__ import annotations
 
-import difflib
 import io
 import os
 import random
@@ -28,6 +27,8 @@ from typing import Any, Sequence
 import ruamel.yaml
 import torch
 from hyperpyyaml import load_hyperpyyaml, resolve_references
+
+from fedasr.utils.settings import check_settings, did_you_mean
 
 _TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
 EXTENDS_KEY = "extends"
@@ -159,6 +160,7 @@ def compose_yaml(experiment_file: str | os.PathLike, model: str | None = None) -
         raise HparamsError(f"{model_path}: keys {clash} are already defined by {root_path}; rename them in the model YAML.")
     blocks = {**root_blocks, **{k: v for k, v in model_blocks.items() if k}}
     blocks[""] = root_blocks.get("", "")
+    schema = override_schema("".join(blocks.values()))
     for path, overlay in chain[1:]:
         for key, block in overlay.items():
             if not key:
@@ -169,23 +171,41 @@ def compose_yaml(experiment_file: str | os.PathLike, model: str | None = None) -
                     f"{path}: key '{key}' is not defined by the base experiment or the model YAML "
                     f"({model_path.name}){did_you_mean([key], valid)}; valid keys: {valid}."
                 )
+            check_override_keys("", {key: _plain_value(block, key)}, str(path), schema)
             blocks[key] = block if block.endswith("\n") else block + "\n"
     text = "".join(b if b.endswith("\n") or not b else b + "\n" for b in blocks.values())
     return text, Path(model).stem if model.endswith((".yaml", ".yml")) else model
 
 
-def did_you_mean(unknown: Sequence[str], valid: Sequence[str]) -> str:
-    """' (did you mean 'number_of_epochs'?)' for typos of valid keys, else ''."""
-    guesses = [f"{key!r} -> {match[0]!r}" for key in unknown if (match := difflib.get_close_matches(key, valid, n=1))]
-    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+def _plain_value(block: str, key: str) -> Any:
+    """The value of a top-level block, or None when it is tagged (``!new:``, ``!ref``, ``!PLACEHOLDER``)."""
+    try:
+        return ruamel.yaml.YAML(typ="safe", pure=True).load(block)[key]
+    except Exception:  # noqa: BLE001 - a tagged block: HyperPyYAML checks it when it builds
+        return None
 
 
-def check_override_keys(text: str, overrides: dict, source: str) -> None:
-    valid = sorted(k for k in split_blocks(text) if k)
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise HparamsError(f"unknown hparams key(s) {unknown} for {source}{did_you_mean(unknown, valid)}; "
-                           f"valid keys: {valid}.")
+def override_schema(text: str) -> dict:
+    """The keys an override may set in a composed YAML, with the type a plain number or true/false there keeps.
+
+    A number may be replaced by a number or null, true/false by true/false or null; tagged values, text and null
+    accept anything, as HyperPyYAML does. Checked up front: a number given as text fails only when training starts."""
+    schema = {}
+    for key, block in split_blocks(text).items():
+        if key:
+            value = _plain_value(block, key)
+            schema[key] = ((bool, type(None)) if isinstance(value, bool) else
+                           (float, type(None)) if isinstance(value, (int, float)) else None)
+    return schema
+
+
+def check_override_keys(text: str, overrides: dict, source: str, schema: dict | None = None) -> None:
+    """Unknown keys (with a "did you mean") and numbers / true-false overridden by text are errors naming ``source``.
+
+    The valid keys are those of ``text`` (or of a ``schema`` made by :func:`override_schema`)."""
+    check_settings(overrides, override_schema(text) if schema is None else schema, source=source, complete=False,
+                   fix="Its keys and defaults are in that YAML and its model YAML (hparams/models).",
+                   error=HparamsError)
 
 
 def load_experiment(experiment_file: str | os.PathLike, overrides: Sequence[str] | str | dict | None = None) -> Experiment:

@@ -20,7 +20,10 @@ Item -> test (here unless another file is named):
   test_cli_partition_leaving_no_client_with_data_exits_2
 - YAML with a typo in a key -> test_hparams.py::test_unknown_override_key_is_an_error_listing_valid_keys,
   ::test_overlay_with_unknown_key_is_an_error (library) and test_cli_yaml_key_typo_exits_2 (train-central overlay
-  and override, federate, demo)
+  and override, federate, demo); a pipeline YAML (no ``extends:``) with a typo'd or wrong-typed key in any section,
+  checked whole before the first stage -> test_pipeline_yaml_typo_or_wrong_type_names_file_key_and_fix,
+  test_pipeline_set_override_typo_is_blamed_on_the_overrides, test_cli_pipeline_yaml_typo_exits_2_before_any_stage;
+  a number given as text in an experiment overlay or override -> test_experiment_number_given_as_text_is_an_error
 - checkpoint of another model or tokenizer -> test_seed_checkpoint_with_weights_of_another_model_is_refused (library,
   `evaluate` and `federate` CLI: refused before the simulation starts),
   test_seed_checkpoint_with_another_tokenizer_is_refused, test_train_central_refuses_to_resume_another_models_checkpoints
@@ -242,6 +245,80 @@ def test_cli_yaml_key_typo_exits_2(tmp_path, capsys):
     code, err = cli(["demo", str(tmp_path / "demo"), "--set", "partiton.mode=iid"], capsys)
     assert code == 2 and "['partiton']" in err and "partition" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "fl").exists()  # nothing started
+
+
+PIPELINE_YAML_CASES = {  # case: (text in hparams/pipeline/demo.yaml, its replacement, what the message must hold)
+    "top-level typo": ("\nevaluation:", "\nevalution:", ["['evalution']", "'evalution' -> 'evaluation'"]),
+    "nested typo": ("  warmup_speakers: 8 ", "  warmup_speaker: 8 ",
+                    ["['partition.warmup_speaker']", "'warmup_speaker' -> 'warmup_speakers'", "valid_fraction"]),
+    "corpus option typo": ("  speakers: 40", "  speakrs: 40", ["['corpus.speakrs']", "'speakrs' -> 'speakers'"]),
+    "compare option typo": ("  profile: v100", "  profle: v100", ["['compare.profle']", "'profle' -> 'profile'"]),
+    "experiment key typo": ("  number_of_epochs: 25", "  number_of_epoch: 25",
+                            ["['warmup.number_of_epoch']", "'number_of_epoch' -> 'number_of_epochs'", "synth.yaml"]),
+    "fl key typo": ("    local_epochs: 2\n    lr: 0.5\n    strategy:", "    local_epoch: 2\n    lr: 0.5\n    strategy:",
+                    ["cross_silo.set", "['local_epoch']", "local_epochs"]),
+    "strategy key typo": ("    clients_per_round: 4\n    strategy:\n      temperature:",
+                          "    clients_per_round: 4\n    strategy:\n      temperatur:",
+                          ["cross_device.set", "['temperatur']", "temperature"]),
+    "integer as text": ("  warmup_speakers: 8 ", "  warmup_speakers: eight ",
+                        ["partition.warmup_speakers must be an integer, got 'eight'"]),
+    "mapping as a number": ("\npartition:", "\npartition: 3\npartition_was:", ["['partition_was']"]),
+    "experiment number as text": ("  number_of_epochs: 12", "  number_of_epochs: twelve",
+                                  ["central.number_of_epochs must be a number or null, got 'twelve'"]),
+    "unknown decoding": ("  decoding: beam", "  decoding: bem", ["evaluation.decoding must be one of", "'bem'"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_YAML_CASES))
+def test_pipeline_yaml_typo_or_wrong_type_names_file_key_and_fix(case, tmp_path):
+    from fedasr.demo import load_pipeline_config
+
+    old, new, expected = PIPELINE_YAML_CASES[case]
+    text = (REPO / "hparams/pipeline/demo.yaml").read_text(encoding="utf-8")
+    assert text.count(old) == 1 and "extends" not in text  # a complete file, read as written
+    config = tmp_path / "my_pipeline.yaml"
+    config.write_text(text.replace(old, new), encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        load_pipeline_config(config)
+    message = str(err.value)
+    assert message.startswith(f"{config}: ") and "Traceback" not in message
+    for part in expected:
+        assert part in message, (case, message)
+
+
+def test_pipeline_set_override_typo_is_blamed_on_the_overrides():
+    from fedasr.demo import DEFAULT_CONFIG, load_pipeline_config, parse_set_overrides
+
+    with pytest.raises(ValueError, match=r"^--set overrides: unknown key\(s\) \['prepare.min_duraton'\] in prepare "
+                                         r"\(did you mean 'min_duraton' -> 'min_duration'\?\); valid keys there: \[") as err:
+        load_pipeline_config(DEFAULT_CONFIG, parse_set_overrides(["prepare.min_duraton=1"]))
+    assert "'max_words'" in str(err.value)  # the valid keys: the keyword options of prepare_common_voice
+    with pytest.raises(ValueError, match=r"demo.yaml \(with the --set overrides\): .*model 'ctc_tny' not found"):
+        load_pipeline_config(DEFAULT_CONFIG, parse_set_overrides(["model=ctc_tny"]))
+    assert load_pipeline_config(DEFAULT_CONFIG, parse_set_overrides(["central.dev_max_utterances=null"]))
+
+
+def test_experiment_number_given_as_text_is_an_error(tmp_path):
+    from fedasr.models.hparams import HparamsError, compose_yaml, load_experiment
+
+    overlay = tmp_path / "my_fr.yaml"
+    overlay.write_text(f"extends: {REPO / 'hparams/CommonVoice/synth.yaml'}\nnumber_of_epochs: three\n", encoding="utf-8")
+    with pytest.raises(HparamsError, match="number_of_epochs must be a number or null, got 'three'") as err:
+        compose_yaml(overlay)
+    assert str(overlay) in str(err.value)
+    with pytest.raises(HparamsError, match=r"synth.yaml: lr must be a number or null, got 'fast'"):
+        load_experiment(REPO / "hparams/CommonVoice/synth.yaml", ["--lr=fast", f"--output_folder={tmp_path}"])
+
+
+def test_cli_pipeline_yaml_typo_exits_2_before_any_stage(tmp_path, capsys):
+    text = (REPO / "hparams/pipeline/demo.yaml").read_text(encoding="utf-8")
+    config = tmp_path / "my_pipeline.yaml"
+    config.write_text(text.replace("  decoding: beam", "  decodng: beam"), encoding="utf-8")  # read at stage 5 of 8
+    code, err = cli(["pipeline", str(tmp_path / "out"), "--config", str(config)], capsys)
+    assert code == 2
+    assert str(config) in err and "['evaluation.decodng']" in err and "'decodng' -> 'decoding'" in err
+    assert "valid keys there: ['decoding']" in err
+    assert not (tmp_path / "out").exists()  # refused before the first stage
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

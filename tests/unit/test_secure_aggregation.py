@@ -1,19 +1,28 @@
 """Secure aggregation of the softmax / FedAvg strategies (fedasr/fl/secure.py): the sum of pre-weighted updates
 divided by the sum of weights equals MetricSoftmax's aggregate (T down to 0.01 and below, no overflow), and the
-same vectors pushed through Flower's real SecAgg+ protocol (SecAggPlusWorkflow + secaggplus_mod, in-process: masks,
-Shamir shares, quantization) give the plain aggregate back."""
+same updates pushed through Flower's real SecAgg+ protocol by fedasr's own server and client code
+(secure_weighted_average: SecAggPlusWorkflow; secure_aggregation_mod -> secaggplus_mod -> weighted_update_reply;
+in-process: masks, Shamir shares, quantization, dropouts) give the plain aggregate back. A real federated run with
+secure aggregation: tests/integration/test_secure_run.py."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
-from fedasr.fl.secure import client_weight, preweight, secure_softmax_aggregate, softmax_shift, sum_vectors, unweight
+from fedasr.fl.config import SecureAggregation
+from fedasr.fl.secure import (
+    client_weight, keep_update, preweight, secure_aggregation_mod, secure_softmax_aggregate, secure_weighted_average,
+    softmax_shift, sum_vectors, unweight, weighted_update_reply,
+)
+from fedasr.fl.strategies.metric_softmax import softmax_weights
 from fedasr.fl.strategies import build_strategy
 from fl_fakes import reply, set_task_identity
 
+REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(3)
 MODELS = [{"w": RNG.normal(size=(6, 5)).astype(np.float32), "b": RNG.normal(size=5).astype(np.float32)}
           for _ in range(4)]
@@ -70,95 +79,129 @@ def test_shared_shift_keeps_tiny_temperatures_finite():
         client_weight(1.0, 0.001, shift=0.0)
 
 
-# ---- Flower's real SecAgg+ protocol, in-process ----------------------------------------------------------------------
+# ---- Flower's real SecAgg+ protocol, in-process, through fedasr's server and client code -------------------------------
 
-def run_flower_secaggplus(vectors: list[np.ndarray], monkeypatch) -> np.ndarray:
-    """Sum of ``vectors`` / len(vectors) as Flower 1.42's SecAgg+ computes it: the legacy SecAggPlusWorkflow on the
-    server and secaggplus_mod on each client, messages routed in-process (the same objects a Grid would carry)."""
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common import FitIns, FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat
-    from flwr.server.client_proxy import ClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.strategy import FedAvg as LegacyFedAvg
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
+class InProcessGrid:
+    """Routes each message to its node's ClientApp chain (fedasr's mod -> Flower's secaggplus_mod -> fedasr's
+    reply), each node with its own Context, as a Grid would; a node in ``broken`` is gone from the protocol stage
+    ``broken_at`` on (after it shared its keys: the dropout SecAgg+ recovers from)."""
 
+    def __init__(self, contexts, broken=(), broken_at="collect_masked_vectors"):
+        self.contexts, self.broken, self.broken_at, self.stages = contexts, set(broken), broken_at, []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        replies = []
+        for message in messages:
+            nid = message.metadata.dst_node_id
+            message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
+            stage = message.content.config_records["secaggplus_configs"]["stage"]
+            self.stages.append(stage)
+            if nid in self.broken and self.stages.count(self.broken_at):
+                answer = Message(Error(code=0, reason=f"node {nid} is gone"), reply_to=message)
+            else:
+                try:
+                    answer = secure_aggregation_mod(message, self.contexts[nid], weighted_update_reply)
+                except Exception as err:  # noqa: BLE001 - as Flower turns a ClientApp exception into an error reply
+                    answer = Message(Error(code=0, reason=str(err)), reply_to=message)
+            answer.metadata.__dict__["_src_node_id"] = nid  # Flower's transport stamps the sender
+            replies.append(answer)
+        return replies
+
+
+def run_secure_round(updates, weights, monkeypatch, settings=None, broken=(), seed=0):
+    """SecAgg+ over nodes 11, 22, ... holding ``updates`` (as keep_update stores them), weights ``weights``."""
     set_task_identity(monkeypatch)
-    node_ids = [11, 22, 33, 44][: len(vectors)]
-
-    class Proxy(ClientProxy):
-        def get_properties(self, *a, **k): raise NotImplementedError
-        def get_parameters(self, *a, **k): raise NotImplementedError
-        def fit(self, *a, **k): raise NotImplementedError
-        def evaluate(self, *a, **k): raise NotImplementedError
-        def reconnect(self, *a, **k): raise NotImplementedError
-
-    def proxy(nid):
-        p = Proxy(str(nid))
-        p.node_id = nid
-        return p
-
-    aggregated = {}
-
-    class Legacy(LegacyFedAvg):
-        def configure_fit(self, server_round, parameters, client_manager):
-            return [(proxy(nid), FitIns(parameters, {})) for nid in node_ids]
-
-        def aggregate_fit(self, server_round, results, failures):
-            aggregated["vector"] = parameters_to_ndarrays(results[0][1].parameters)[0]
-            return results[0][1].parameters, {}
-
-    contexts = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
-                for nid in node_ids}
-
-    def client_train(nid):
-        def train(msg, ctxt):  # a client's training reply, legacy format: its pre-weighted vector, weight 1
-            fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([vectors[node_ids.index(nid)]]), 1, {})
-            return Message(compat.fitres_to_recorddict(fitres, True), reply_to=msg)
-        return train
-
-    class InProcessGrid:
-        def send_and_receive(self, messages, timeout=None):
-            replies = []
-            for message in messages:
-                nid = message.metadata.dst_node_id
-                message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
-                answer = secaggplus_mod(message, contexts[nid], client_train(nid))
-                answer.metadata.__dict__["_src_node_id"] = nid  # Flower's transport stamps the sender
-                replies.append(answer)
-            return replies
-
-    server_context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
-    server_context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
-    server_context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-        ndarrays_to_parameters([np.zeros_like(vectors[0])]), True)
-    legacy = LegacyContext(server_context, strategy=Legacy())
-    SecAggPlusWorkflow(num_shares=len(vectors), reconstruction_threshold=3, max_weight=1.0)(InProcessGrid(), legacy)
-    assert "vector" in aggregated, "the SecAgg+ workflow halted before aggregating"
-    return aggregated["vector"]
-
-
-def test_flower_secaggplus_sum_of_preweighted_updates_equals_the_plain_aggregate(monkeypatch):
-    wers, temperature = [0.31, 0.12, 0.45, 0.13], 0.05
-    # Reference = the best score (in a run: the previous global model's), so the weights are O(1): SecAgg+ quantizes
-    # absolute values, and tiny weights (reference 1 gives exp(-wer / T), down to 1e-4 here) would lose precision.
-    shift = softmax_shift(temperature, reference_score=1 - min(wers))
-    flat = [np.concatenate([m["w"].ravel(), m["b"].ravel()]).astype(np.float64) for m in MODELS]
-    weights = [client_weight(1 - w, temperature, shift) for w in wers]
-    # Each client's secure-sum vector: its pre-weighted model with its weight appended.
-    vectors = [np.append(preweight({"x": x}, e)["x"], e) for x, e in zip(flat, weights)]
+    node_ids = [11 * (i + 1) for i in range(len(updates))]
+    zero = {k: np.zeros_like(v) for k, v in updates[0].items()}
+    contexts = {}
+    for nid, update in zip(node_ids, updates):
+        contexts[nid] = Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={})
+        keep_update(contexts[nid], numpy_to_arrayrecord(update), numpy_to_arrayrecord(zero))
     rng_state = np.random.get_state()
-    np.random.seed(0)  # SecAgg+ rounds stochastically with numpy's global generator
+    np.random.seed(seed)  # SecAgg+ rounds stochastically with numpy's global generator
     try:
-        mean = run_flower_secaggplus(vectors, monkeypatch)  # SecAgg+ returns the average of what clients sent
+        return secure_weighted_average(InProcessGrid(contexts, broken), dict(zip(node_ids, weights)), list(zero),
+                                       server_round=1, settings=settings or SecureAggregation(enabled=True),
+                                       timeout=None)
     finally:
         np.random.set_state(rng_state)
-    secure = mean[:-1] / mean[-1]
-    plain = softmax_strategy_aggregate(MODELS, wers, temperature)
-    expected = np.concatenate([plain["w"].ravel(), plain["b"].ravel()])
-    # Quantization: 2^22 levels over [-8, 8], so every averaged value is off by less than one step; the ratio by
-    # less than step * (1 + |value|) / mean weight.
+
+
+def updates_and_plain(wers, temperature):
+    """Client updates (the models as deltas from zero), their softmax weights, MetricSoftmax's plain aggregate."""
+    updates = [{k: v.astype(np.float64) * 0.1 for k, v in m.items()} for m in MODELS]  # |values| < 1, as updates are
+    weights = softmax_weights([1 - w for w in wers], temperature)
+    plain = softmax_strategy_aggregate([{k: v.astype(np.float32) for k, v in u.items()} for u in updates], wers,
+                                       temperature)
+    return updates, weights, plain
+
+
+def test_flower_secaggplus_weighted_sum_equals_the_plain_wer_softmax_aggregate(monkeypatch):
+    wers, temperature = [0.31, 0.12, 0.45, 0.13], 0.05
+    updates, weights, plain = updates_and_plain(wers, temperature)
+    result = run_secure_round(updates, weights, monkeypatch)
+    assert result.failed == {} and result.bytes_received > 0
+    # Quantization: 2^22 levels over [-8, 8]; each client's weighted value is off by less than one step, so the
+    # average by less than one step per client (the weights sum to 1).
     step = 16 / 2**22
-    np.testing.assert_array_less(np.abs(secure - expected), step * (1 + np.abs(expected)) / mean[-1])
-    assert not np.allclose(secure, np.mean(flat, axis=0), atol=1e-2)  # the softmax weights did matter
+    for key in plain:
+        np.testing.assert_array_less(np.abs(result.average[key] - plain[key]), len(updates) * step)
+        assert not np.allclose(result.average[key], np.mean([u[key] for u in updates], axis=0), atol=1e-3)
+
+
+def test_a_client_lost_during_secaggplus_is_unmasked_and_left_out(monkeypatch):
+    wers, temperature = [0.31, 0.12, 0.45, 0.13], 1.0
+    updates, weights, _ = updates_and_plain(wers, temperature)
+    result = run_secure_round(updates, weights, monkeypatch, broken=[33])
+    assert list(result.failed) == [33] and "gone" in result.failed[33]
+    survivors = [0, 1, 3]  # SecAgg+ divides by the summed weights of the clients that finished
+    expected = sum(weights[i] * updates[i]["w"] for i in survivors) / sum(weights[i] for i in survivors)
+    np.testing.assert_array_less(np.abs(result.average["w"] - expected), 4 * 16 / 2**22)
+
+
+def test_an_update_beyond_the_clipping_range_is_refused_not_clipped(monkeypatch):
+    wers = [0.31, 0.12, 0.45, 0.13]
+    updates, weights, _ = updates_and_plain(wers, 1.0)
+    updates[1] = {k: v * 1000 for k, v in updates[1].items()}  # a client whose weighted update exceeds the range
+    result = run_secure_round(updates, weights, monkeypatch, settings=SecureAggregation(enabled=True, clipping_range=8.0))
+    assert list(result.failed) == [22] and "secure_aggregation.clipping_range" in result.failed[22]
+    survivors = [0, 2, 3]
+    expected = sum(weights[i] * updates[i]["w"] for i in survivors) / sum(weights[i] for i in survivors)
+    np.testing.assert_array_less(np.abs(result.average["w"] - expected), 4 * 16 / 2**22)
+
+
+def test_secure_round_needs_two_clients_and_halts_below_the_threshold(monkeypatch):
+    updates, weights, _ = updates_and_plain([0.3, 0.2, 0.4, 0.1], 1.0)
+    alone = run_secure_round(updates[:1], [1.0], monkeypatch)
+    assert alone.average is None and "at least 2 clients" in alone.failed[11]
+    halted = run_secure_round(updates, weights, monkeypatch, broken=[11, 22, 33],
+                              settings=SecureAggregation(enabled=True, num_shares=1.0, reconstruction_threshold=0.75))
+    assert halted.average is None and set(halted.failed) == {11, 22, 33}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"strategy": {"name": "fedadam"}}, "strategy.name"),
+    ({"wer_source": "server"}, "wer_source: client"),
+    ({"privacy": {"enabled": True}, "strategy": {"name": "fedavg"}}, "privacy"),
+    ({"update_encoding": "fp16"}, "update_encoding"),
+    ({"secure_aggregation": {"num_shares": 2}}, "num_shares"),
+    ({"secure_aggregation": {"reconstruction_threshold": 1.5}}, "reconstruction_threshold"),
+    ({"secure_aggregation": {"modulus_range": 1000}}, "modulus_range"),
+])
+def test_secure_aggregation_settings_that_cannot_work_are_refused(overrides, message):
+    from fedasr.fl.config import FLConfigError, load_fl_config, overlay
+
+    base = {"wer_source": "client", "secure_aggregation": {"enabled": True}}
+    with pytest.raises(FLConfigError, match=message):
+        load_fl_config(REPO / "hparams/fl/cross_silo.yaml", overlay(base, overrides))
+
+
+def test_secure_aggregation_settings_that_work_are_accepted():
+    from fedasr.fl.config import load_fl_config
+
+    config = load_fl_config(REPO / "hparams/fl/cross_device.yaml", {"wer_source": "client",
+                                                            "secure_aggregation": {"enabled": True, "num_shares": 5,
+                                                                                   "reconstruction_threshold": 3}})
+    assert config.secure_aggregation.enabled and config.secure_aggregation.num_shares == 5

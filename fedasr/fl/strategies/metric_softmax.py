@@ -137,32 +137,45 @@ class MetricSoftmax(FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        expected = array_spec(self.current_arrays) if self.current_arrays is not None else None
-        kept, self.last_dropped = usable_replies(replies, expected)
+        kept, weights = self.client_weights(server_round, replies)
+        if weights is None:
+            return None, None
+        # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
+        averaged = weighted_average((reply_arrays(m) for m in kept), weights)
+        return numpy_to_arrayrecord(self.apply_server_lr(averaged)), self.round_metrics(kept, weights)
+
+    def client_weights(self, server_round: int, replies: Iterable[Message],
+                       with_arrays: bool = True) -> tuple[list[Message], np.ndarray | None]:
+        """(usable replies, their weights summing to 1; None when no reply is usable); sets last_clients/weights.
+
+        ``with_arrays=False``: replies of a secure-aggregation round (metrics only; fedasr/fl/secure.py).
+        """
+        expected = array_spec(self.current_arrays) if with_arrays and self.current_arrays is not None else None
+        kept, self.last_dropped = usable_replies(replies, expected, with_arrays=with_arrays)
         self.last_clients = [partition_of(m) for m in kept]
         if not kept:
             log.warning("round %d: no usable reply, the global model is kept", server_round)
-            return None, None
+            return [], None
         scores = [self._score(m) for m in kept]
         usable = [i for i, s in enumerate(scores) if np.isfinite(s)]
         for i in set(range(len(kept))) - set(usable):
             self.last_dropped.append((partition_of(kept[i]), f"{self.score} score is not finite"))
-        if not usable:
-            return None, None
         kept = [kept[i] for i in usable]
+        self.last_clients = [partition_of(m) for m in kept]
+        if not kept:
+            return [], None
         scores = [scores[i] for i in usable]
         examples = [float(reply_metrics(m)[NUM_EXAMPLES]) for m in kept]
         weights = mixed_weights(scores, examples, self.temperature, self.mix)
-        self.last_clients = [partition_of(m) for m in kept]
         self.last_weights = dict(zip(self.last_clients, map(float, weights)))
         self.last_scores = dict(zip(self.last_clients, map(float, scores)))
-        # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
-        averaged = weighted_average((reply_arrays(m) for m in kept), weights)
-        new_arrays = self._apply_server_lr(averaged)
+        return kept, weights
+
+    def round_metrics(self, kept: list[Message], weights: np.ndarray) -> MetricRecord:
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
         metrics["max-weight"] = float(weights.max())
         metrics["dropped-clients"] = len(self.last_dropped)
-        return numpy_to_arrayrecord(new_arrays), metrics
+        return metrics
 
     def _score(self, message: Message) -> float:
         if self.score == "wer" and self.score_fn is not None and self.mix > 0:
@@ -171,7 +184,7 @@ class MetricSoftmax(FedAvg):
             return 0.0
         return client_score(self.score, reply_metrics(message))
 
-    def _apply_server_lr(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def apply_server_lr(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.server_lr == 1.0 or self.current_arrays is None:
             return averaged
         updated = {}

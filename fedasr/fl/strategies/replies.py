@@ -86,18 +86,24 @@ def short_error(reason: str | None, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def why_unusable(message: Message, expected: ArraySpec | None = None) -> str | None:
-    """None for a usable training reply, else the reason it must be dropped (``expected``: see array_spec)."""
+def why_unusable(message: Message, expected: ArraySpec | None = None, with_arrays: bool = True) -> str | None:
+    """None for a usable training reply, else the reason it must be dropped (``expected``: see array_spec).
+
+    ``with_arrays=False``: a reply of a secure-aggregation round, which must carry metrics and no arrays.
+    """
     if message.has_error():
         return f"error reply ({short_error(message.error.reason)})"
-    if len(message.content.array_records) != 1 or len(message.content.metric_records) != 1:
-        return "reply lacks exactly one ArrayRecord and one MetricRecord"
+    if len(message.content.array_records) != int(with_arrays) or len(message.content.metric_records) != 1:
+        return ("reply lacks exactly one ArrayRecord and one MetricRecord" if with_arrays else
+                "a secure-aggregation reply must hold one MetricRecord and no arrays")
     metrics = reply_metrics(message)
     if NUM_EXAMPLES not in metrics or float(metrics[NUM_EXAMPLES]) <= 0:
         return f"reply reports no {NUM_EXAMPLES}"
     for key in (TRAIN_LOSS, LOCAL_WER):
         if key in metrics and not math.isfinite(float(metrics[key])):
             return f"{key} is {metrics[key]}"
+    if not with_arrays:
+        return None
     if expected is not None:
         misfit = why_arrays_do_not_fit(reply_arrays(message), expected)
         if misfit:
@@ -108,7 +114,8 @@ def why_unusable(message: Message, expected: ArraySpec | None = None) -> str | N
 
 
 def usable_replies(
-    replies: Iterable[Message], expected: ArraySpec | None = None, sent: Iterable[Message] = ()
+    replies: Iterable[Message], expected: ArraySpec | None = None, sent: Iterable[Message] = (),
+    with_arrays: bool = True,
 ) -> tuple[list[Message], list[tuple[int, str]]]:
     """(usable replies sorted by partition id, [(client, reason)] of the dropped ones).
 
@@ -118,7 +125,7 @@ def usable_replies(
     clients = sent_clients(sent)
     kept, dropped = [], []
     for message in replies:
-        reason = why_unusable(message, expected)
+        reason = why_unusable(message, expected, with_arrays)
         if reason is None:
             kept.append(message)
         else:

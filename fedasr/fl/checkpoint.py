@@ -102,8 +102,10 @@ def load_server_state(output_dir: str | Path) -> ServerState | None:
 
 
 def check_resumable(state: ServerState, fingerprint: dict, path: str | Path) -> None:
-    """Refuse to resume when settings that shape the result changed since the checkpoint."""
-    changed = {k: (state.fingerprint.get(k), v) for k, v in fingerprint.items() if state.fingerprint.get(k) != v}
+    """Refuse to resume when settings that shape the result changed since the checkpoint (a key the checkpoint
+    does not hold, written by an older fedasr, is not compared)."""
+    changed = {k: (state.fingerprint[k], v) for k, v in fingerprint.items()
+               if k in state.fingerprint and state.fingerprint[k] != v}
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise CheckpointError(

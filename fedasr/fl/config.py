@@ -14,7 +14,7 @@ from pathlib import Path
 from hyperpyyaml import load_hyperpyyaml
 
 from fedasr.fl.faults import Faults, check_faults, faults_from_dict
-from fedasr.utils.settings import deep_merge, parse_dotted_overrides
+from fedasr.utils.settings import deep_merge, did_you_mean, parse_dotted_overrides
 
 MODES = ("cross-silo", "cross-device")
 WER_SOURCES = ("server", "client")
@@ -142,7 +142,8 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
     known = set(FLConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise FLConfigError(f"{source}: unknown key(s) {unknown}; valid keys are {sorted(known)}")
+        raise FLConfigError(f"{source}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; valid keys are "
+                            f"{sorted(known)}")
     values = dict(raw)
     try:
         values["annealing"] = _typed(Annealing(**(values.get("annealing") or {})))
@@ -190,6 +191,12 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
         fail(f"clients_per_round must be >= 1 or null (all clients), got {config.clients_per_round}")
     if not isinstance(config.strategy, dict) or "name" not in config.strategy:
         fail("strategy must be a mapping with a name, e.g. {name: wer-softmax, temperature: 0.01}")
+    from fedasr.fl.strategies.factory import check_strategy_settings  # here: the strategies import Flower
+
+    try:
+        check_strategy_settings(*strategy_name_and_settings(config))
+    except ValueError as err:
+        fail(str(err))
     if int(config.min_clients) < 1 or int(config.max_failed_rounds) < 1:
         fail(f"min_clients and max_failed_rounds must be >= 1, got {config.min_clients} and {config.max_failed_rounds}")
     if config.round_timeout <= 0:

@@ -7,6 +7,7 @@ checkpoint (atomic). Initial arrays come from the warm-up seed checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -103,7 +104,24 @@ class FederatedRun:
         cfg.pop("min_clients")  # tolerance settings: may be changed to continue a run stopped by failing rounds
         cfg.pop("max_failed_rounds")
         return {"config": json.dumps(cfg, sort_keys=True), "seed_checkpoint": self.seed_checkpoint,
+                "seed_checkpoint_sha256": seed_weights_sha256(self.seed_checkpoint),
                 "partition": self.partition, "num_clients": self.num_clients}
+
+
+def seed_weights_sha256(seed_checkpoint: str) -> str | None:
+    """sha256 of the seed's weights file (None without one): a seed retrained at the same path is another run."""
+    path = Path(seed_checkpoint) / "model.ckpt"
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a rewritten file is hashed again
+    from fedasr.models.checkpoint import file_sha256
+
+    return file_sha256(path)
 
 
 class SortedNodeGrid:

@@ -137,6 +137,23 @@ def test_existing_run_needs_resume_and_same_settings(tmp_path, fake_clients):
         run_server(fake_grid(), make_run(tmp_path, resume=True, lr=0.5), FakeASR())
 
 
+def test_resume_refuses_a_seed_retrained_at_the_same_path(tmp_path, fake_clients):
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "model.ckpt").write_bytes(b"weights of the first warm-up")
+    out = tmp_path / "run"
+
+    def run(**kwargs):
+        federated = make_run(out, **kwargs)
+        federated.seed_checkpoint = str(seed)
+        return federated
+
+    run_server(fake_grid(), run(stop_after_round=1), FakeASR())
+    (seed / "model.ckpt").write_bytes(b"weights of another warm-up")
+    with pytest.raises(CheckpointError, match="seed_checkpoint_sha256"):
+        run_server(fake_grid(), run(resume=True), FakeASR())
+
+
 def test_client_partition_errors_name_the_fix(fake_clients):
     from flwr.app import Context, RecordDict
 

@@ -9,6 +9,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx, FedYogi, Strategy
 
 from fedasr.fl.strategies.metric_softmax import MetricSoftmax
 from fedasr.fl.strategies.replies import RobustRepliesMixin, aggregate_train_metrics
+from fedasr.utils.settings import did_you_mean
 
 
 class RobustFedAdam(RobustRepliesMixin, FedAdam):
@@ -75,18 +76,20 @@ def build_strategy(
         "min_evaluate_nodes": 0,
         "train_metrics_aggr_fn": aggregate_train_metrics,
     }
+    check_strategy_settings(name, settings)
     if name in _SOFTMAX:
-        _check_keys(name, settings, _SOFTMAX_KEYS if name != "fedavg" else {"server_lr"})
         return MetricSoftmax(**_SOFTMAX[name], **settings, score_fn=score_fn if name == "wer-softmax" else None, **sampling)
-    if name in _FLOWER:
-        _check_keys(name, settings, _FLOWER_KEYS[name])
-        return _FLOWER[name](**settings, **sampling)
-    raise UnknownStrategyError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGY_NAMES)} (strategy.name in the fl hparams)")
+    return _FLOWER[name](**settings, **sampling)
 
 
-def _check_keys(name: str, settings: dict, allowed: set[str]) -> None:
+def check_strategy_settings(name: str, settings: dict) -> None:
+    """Raise UnknownStrategyError for an unknown strategy name or a setting it does not take (with a guess)."""
+    name = name.lower()
+    if name not in STRATEGY_NAMES:
+        raise UnknownStrategyError(f"unknown strategy {name!r}{did_you_mean([name], STRATEGY_NAMES)}; choose one of "
+                                   f"{', '.join(STRATEGY_NAMES)} (strategy.name in the fl hparams)")
+    allowed = (_SOFTMAX_KEYS if name != "fedavg" else {"server_lr"}) if name in _SOFTMAX else _FLOWER_KEYS[name]
     unknown = sorted(set(settings) - allowed)
     if unknown:
-        raise UnknownStrategyError(
-            f"strategy {name!r} does not take setting(s) {unknown}; its settings are {sorted(allowed)}"
-        )
+        raise UnknownStrategyError(f"strategy {name!r} does not take setting(s) {unknown}"
+                                   f"{did_you_mean(unknown, allowed)}; its settings are {sorted(allowed)}")

@@ -279,6 +279,37 @@ def secure_weighted_average(grid, node_weights: Mapping[int, float], keys: Seque
     return SecureSum(dict(zip(sorted(keys), strategy.average)), recording.errors, recording.bytes_received)
 
 
+class InProcessGrid:
+    """SecAgg+ in one process, for tests and benches: routes each message to its node's client chain
+    (secure_aggregation_mod -> Flower's secaggplus_mod -> weighted_update_reply) with the node's own Context, as a
+    Grid and a SuperNode would; an exception becomes an error reply, as Flower makes of a failing ClientApp.
+    ``contexts``: node id -> Context holding the update (see keep_update). Messages get Flower's task identity
+    from the caller (a ServerApp's, or a test's)."""
+
+    def __init__(self, contexts: Mapping[int, Context]) -> None:
+        self.contexts = contexts
+
+    def deliver(self, message: Message) -> Message:
+        return secure_aggregation_mod(message, self.contexts[message.metadata.dst_node_id], weighted_update_reply)
+
+    def send_and_receive(self, messages, timeout=None):
+        import copy
+
+        from flwr.app import Error
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
+            try:
+                answer = self.deliver(message)
+            except Exception as err:  # noqa: BLE001 - any ClientApp failure is an error reply
+                answer = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            answer.metadata.__dict__["_src_node_id"] = node  # Flower's transport stamps the sender
+            replies.append(answer)
+        return replies
+
+
 def _array(value: np.ndarray):
     from flwr.app import Array
 

@@ -15,8 +15,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
 from fedasr.fl.config import SecureAggregation
 from fedasr.fl.secure import (
-    client_weight, keep_update, preweight, secure_aggregation_mod, secure_softmax_aggregate, secure_weighted_average,
-    softmax_shift, sum_vectors, unweight, weighted_update_reply,
+    InProcessGrid, client_weight, keep_update, preweight, secure_softmax_aggregate, secure_weighted_average,
+    softmax_shift, sum_vectors, unweight,
 )
 from fedasr.fl.strategies.metric_softmax import softmax_weights
 from fedasr.fl.strategies import build_strategy
@@ -81,33 +81,20 @@ def test_shared_shift_keeps_tiny_temperatures_finite():
 
 # ---- Flower's real SecAgg+ protocol, in-process, through fedasr's server and client code -------------------------------
 
-class InProcessGrid:
-    """Routes each message to its node's ClientApp chain (fedasr's mod -> Flower's secaggplus_mod -> fedasr's
-    reply), each node with its own Context, as a Grid would; a node in ``broken`` is gone from the protocol stage
-    ``broken_at`` on (after it shared its keys: the dropout SecAgg+ recovers from)."""
+class FailingGrid(InProcessGrid):
+    """fedasr's in-process SecAgg+ grid where the nodes in ``broken`` are gone from protocol stage ``broken_at`` on
+    (by default after they shared their keys: the dropout SecAgg+ recovers from)."""
 
     def __init__(self, contexts, broken=(), broken_at="collect_masked_vectors"):
-        self.contexts, self.broken, self.broken_at, self.stages = contexts, set(broken), broken_at, []
+        super().__init__(contexts)
+        self.broken, self.broken_at, self.seen = set(broken), broken_at, set()
 
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Error
-
-        replies = []
-        for message in messages:
-            nid = message.metadata.dst_node_id
-            message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
-            stage = message.content.config_records["secaggplus_configs"]["stage"]
-            self.stages.append(stage)
-            if nid in self.broken and self.stages.count(self.broken_at):
-                answer = Message(Error(code=0, reason=f"node {nid} is gone"), reply_to=message)
-            else:
-                try:
-                    answer = secure_aggregation_mod(message, self.contexts[nid], weighted_update_reply)
-                except Exception as err:  # noqa: BLE001 - as Flower turns a ClientApp exception into an error reply
-                    answer = Message(Error(code=0, reason=str(err)), reply_to=message)
-            answer.metadata.__dict__["_src_node_id"] = nid  # Flower's transport stamps the sender
-            replies.append(answer)
-        return replies
+    def deliver(self, message):
+        stage = message.content.config_records["secaggplus_configs"]["stage"]
+        self.seen.add(stage)
+        if message.metadata.dst_node_id in self.broken and self.broken_at in self.seen:
+            raise ConnectionError(f"node {message.metadata.dst_node_id} is gone")
+        return super().deliver(message)
 
 
 def run_secure_round(updates, weights, monkeypatch, settings=None, broken=(), seed=0):
@@ -122,7 +109,7 @@ def run_secure_round(updates, weights, monkeypatch, settings=None, broken=(), se
     rng_state = np.random.get_state()
     np.random.seed(seed)  # SecAgg+ rounds stochastically with numpy's global generator
     try:
-        return secure_weighted_average(InProcessGrid(contexts, broken), dict(zip(node_ids, weights)), list(zero),
+        return secure_weighted_average(FailingGrid(contexts, broken), dict(zip(node_ids, weights)), list(zero),
                                        server_round=1, settings=settings or SecureAggregation(enabled=True),
                                        timeout=None)
     finally:

@@ -160,7 +160,9 @@ def free_port() -> int:
 
 def test_deployment_engine_with_superlink_and_two_supernodes(cross_silo_partition, fl_seed_checkpoint, prepared_manifests,
                                                              tmp_path):
-    """`flwr run . deploy` against a SuperLink and one SuperNode per silo, all processes on loopback."""
+    """`flwr run . deploy` against a SuperLink and one SuperNode per silo, all processes on loopback, with secure
+    aggregation (SecAgg+ needs each SuperNode to keep its update between the round's two exchanges). Plain
+    deployments run in test_deployment_security.py and test_client_privacy.py."""
     env = run_env(tmp_path)
     port = free_port()
     home = Path(env["FLWR_HOME"])
@@ -174,8 +176,9 @@ def test_deployment_engine_with_superlink_and_two_supernodes(cross_silo_partitio
         f'hparams = "{REPO / "hparams/fl/cross_silo.yaml"}"', f'partition = "{cross_silo_partition}"',
         f'seed-checkpoint = "{fl_seed_checkpoint}"', f'output-dir = "{out}"',
         f'dev-manifest = "{prepared_manifests / "dev.csv"}"', 'num-clients = 2',
-        "overrides = '" + json.dumps({"rounds": 2, "local_epochs": 1, "lr": 0.1, "evaluation": {
-            "server_wer_utterances": 8, "test_decoding": "greedy"}}) + "'",
+        "overrides = '" + json.dumps({"rounds": 2, "local_epochs": 1, "lr": 0.1, "wer_source": "client",
+                                      "secure_aggregation": {"enabled": True},
+                                      "evaluation": {"test_decoding": "greedy"}}) + "'",
     ]) + "\n")
     processes = [subprocess.Popen(
         [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation", "--port", str(port),
@@ -201,5 +204,7 @@ def test_deployment_engine_with_superlink_and_two_supernodes(cross_silo_partitio
                 process.kill()
     rows = read_rows(out)
     assert summary["finished"] and [r["round"] for r in rows] == [0, 1, 2]
-    assert all(sorted(r["clients"]) == [0, 1] for r in rows[1:])
+    assert all(sorted(r["clients"]) == [0, 1] and r["failed"] == [] for r in rows[1:])
+    # The updates came back masked through SecAgg+ (64-bit integers: more bytes than the fp32 models sent out).
+    assert all(r["bytes_received"] > r["bytes_sent"] > 0 for r in rows[1:])
 

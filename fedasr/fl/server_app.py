@@ -415,13 +415,14 @@ def _count_clients(partition: str) -> int:
     return len(partition_clients(partition))
 
 
-def build_server_app(run: FederatedRun | None = None) -> ServerApp:
-    """A ServerApp for ``run`` (simulation from Python) or, with None, one configured by Flower's run config."""
+def build_server_app(run: FederatedRun | None = None, system=None) -> ServerApp:
+    """A ServerApp for ``run`` (simulation from Python; ``system``: the server's model, already built) or, with
+    None, one configured by Flower's run config."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, run if run is not None else run_from_run_config(dict(context.run_config)))
+        run_server(grid, run if run is not None else run_from_run_config(dict(context.run_config)), system)
 
     return server_app
 

@@ -12,8 +12,8 @@ import logging
 import os
 from pathlib import Path
 
-from fedasr.fl.config import FLConfig, import_system_class, load_fl_config
-from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app
+from fedasr.fl.config import FLConfig, load_fl_config
+from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app, load_system
 from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, read_json
 from fedasr.utils.preflight import check_writable, space_for_copies
@@ -81,7 +81,6 @@ def resolve_run(
     seed = Path(seed_checkpoint).resolve()
     if not seed.exists():
         raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
-    import_system_class(config.system).from_checkpoint(str(seed), overrides=config.system_overrides or None)  # fits?
     return FederatedRun(
         config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
         dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=len(loaded["clients"]),
@@ -113,7 +112,10 @@ def backend_config(config: FLConfig) -> dict:
 
 
 def run_simulation_for(run: FederatedRun) -> dict:
-    """Run all (remaining) rounds on the Simulation Engine; returns the run's summary."""
+    """Run all (remaining) rounds on the Simulation Engine; returns the run's summary.
+
+    The server's model is built here, before Ray starts, so a seed checkpoint that does not fit the model is an
+    error in seconds (the ServerApp then uses this one: a simulated ServerApp runs in this process)."""
     from flwr.simulation import run_simulation
 
     from fedasr.fl.client_app import app as client_app
@@ -123,6 +125,7 @@ def run_simulation_for(run: FederatedRun) -> dict:
         if joining and key == "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER":
             continue  # "0" means no multi-node Ray at all, and pins this driver to 127.0.0.1
         os.environ.setdefault(key, value)
+    system = load_system(run)  # a seed that does not fit the model: CheckpointMismatchError, before any folder is made
     out = Path(run.output_dir)
     check_writable(out, space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what="--output-dir")  # before Ray
     summary_path = out / SUMMARY_FILE
@@ -134,7 +137,7 @@ def run_simulation_for(run: FederatedRun) -> dict:
     })
     try:
         with track_energy(out):  # energy.json (codecarbon, whole machine: the Ray workers too)
-            run_simulation(server_app=build_server_app(run), client_app=client_app, num_supernodes=run.num_clients,
+            run_simulation(server_app=build_server_app(run, system), client_app=client_app, num_supernodes=run.num_clients,
                            backend_config=backend_config(run.config))
     except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log above has the cause
         raise SimulationError(

@@ -23,7 +23,7 @@ def test_engine_failure_becomes_a_simulation_error_naming_the_cause(tmp_path, mo
     import flwr.simulation
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", engine_crash)
-    run = FederatedRun(config=config_from_dict({"rounds": 1}), seed_checkpoint=str(tmp_path / "seed"),
+    run = FederatedRun(config=config_from_dict({"rounds": 1, "system": "fl_fakes:FakeASR"}), seed_checkpoint=str(tmp_path / "seed"),
                        partition="p.json", output_dir=str(tmp_path / "out"), dev_manifest="dev.csv", num_clients=2)
     with pytest.raises(simulation.SimulationError, match="timed out during startup.*--resume"):
         simulation.run_simulation_for(run)

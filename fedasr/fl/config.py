@@ -261,6 +261,9 @@ def check_secure_aggregation(config: FLConfig) -> str | None:
         return "secure_aggregation is not combined with privacy yet: enable one of the two"
     if config.update_encoding != "fp32":
         return "secure_aggregation quantizes the updates itself: set update_encoding: fp32"
+    if config.clients_per_round is not None and int(config.clients_per_round) < 2:
+        return ("secure_aggregation needs clients_per_round >= 2 (the sum of one update is that update), got "
+                f"{config.clients_per_round}")
     shares, threshold = s.num_shares, s.reconstruction_threshold
     if isinstance(shares, bool) or not isinstance(shares, (int, float)) or (
             isinstance(shares, int) and shares <= 2) or (isinstance(shares, float) and not 0 < shares <= 1):

@@ -3,15 +3,22 @@
 Only floating-point tensors travel (weights, BatchNorm running statistics, the frozen normaliser statistics);
 integer buffers such as ``num_batches_tracked`` are chosen by dtype, never sent and never averaged: each side
 keeps its own copy from the seed model.
+
+torch is imported where a function needs it, not with the module: the server, strategies and SecAgg+ steps use
+only the numpy side, and a deployed SuperNode starts a fresh ClientApp process for every message (3 s of the
+5 s such a start costs is importing torch).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ArrayMismatchError(ValueError):
@@ -20,7 +27,7 @@ class ArrayMismatchError(ValueError):
 
 def travels(tensor: torch.Tensor) -> bool:
     """True for tensors exchanged and averaged: floating point only (selected by dtype, not by name)."""
-    return torch.is_floating_point(tensor)
+    return tensor.is_floating_point()
 
 
 def state_to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -51,6 +58,8 @@ def arrayrecord_to_state(record: ArrayRecord, template: Mapping[str, torch.Tenso
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}. Server and clients must be built from the "
             "same seed checkpoint and model hparams."
         )
+    import torch
+
     state: dict[str, torch.Tensor] = {}
     for key, tensor in template.items():
         if not travels(tensor):
@@ -118,7 +127,7 @@ def _as_numpy(value: np.ndarray | Array) -> np.ndarray:
 # x_client - x_global; dtype "float16" or "bfloat16"). Flower's own Array.numpy() refuses the stype, so an encoded
 # array can never be averaged by mistake as if it were weights.
 UPDATE_STYPE = "fedasr.update"
-_HALF = {"fp16": (torch.float16, "float16"), "bf16": (torch.bfloat16, "bfloat16")}
+_HALF = {"fp16": "float16", "bf16": "bfloat16"}  # encoding -> torch / Flower dtype name
 
 
 def encode_update(record: ArrayRecord, sent: ArrayRecord, encoding: str) -> ArrayRecord:
@@ -134,7 +143,10 @@ def encode_update(record: ArrayRecord, sent: ArrayRecord, encoding: str) -> Arra
         return record
     if encoding not in _HALF:
         raise ValueError(f"update_encoding must be one of fp32, fp16, bf16; got {encoding!r}")
-    torch_dtype, name = _HALF[encoding]
+    import torch
+
+    name = _HALF[encoding]
+    torch_dtype = getattr(torch, name)
     encoded = {}
     for key, array in record.items():
         value = array.numpy()

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -81,6 +80,8 @@ def cached_system(system_spec: str, seed_checkpoint: str, overrides_json: str) -
 
 def train_on_partition(arrays, config, partition: str, partition_id: int) -> tuple:
     """Fit the global model on one client's data; returns (ArrayRecord, MetricRecord)."""
+    import torch  # here, not with the module: see fedasr/fl/arrays.py
+
     torch.set_num_threads(int(config.get("threads", 1)))
     client = client_for(partition, partition_id)
     cached = cached_system(str(config["system"]), str(config["seed-checkpoint"]), str(config.get("system-overrides", "{}")))

@@ -152,9 +152,9 @@ class MetricSoftmax(FedAvg):
         """
         expected = array_spec(self.current_arrays) if with_arrays and self.current_arrays is not None else None
         kept, self.last_dropped = usable_replies(replies, expected, with_arrays=with_arrays)
-        self.last_clients = [partition_of(m) for m in kept]
         if not kept:
             log.warning("round %d: no usable reply, the global model is kept", server_round)
+            self.last_clients = []
             return [], None
         scores = [self._score(m) for m in kept]
         usable = [i for i, s in enumerate(scores) if np.isfinite(s)]

@@ -41,6 +41,8 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 
+from fedasr.fl.arrays import numpy_to_arrayrecord
+
 
 SECURE_ROUND_KEY = "secure-aggregation"  # in a round's config: keep the update, reply with metrics only
 UPDATE_RECORD = "fedasr.secure-update"  # node state: the update d_k waiting for the SecAgg+ step
@@ -62,8 +64,8 @@ def keep_update(context: Context, trained: ArrayRecord, received: ArrayRecord) -
     updates = {}
     for key in sorted(trained.keys()):
         value = trained[key].numpy()
-        updates[key] = _array((value.astype(np.float64) - received[key].numpy()).astype(value.dtype))
-    context.state.array_records[UPDATE_RECORD] = ArrayRecord(updates)
+        updates[key] = (value.astype(np.float64) - received[key].numpy()).astype(value.dtype)
+    context.state.array_records[UPDATE_RECORD] = numpy_to_arrayrecord(updates)
 
 
 def is_secure_sum_request(msg: Message) -> bool:
@@ -244,9 +246,3 @@ class InProcessGrid:
             answer.metadata.__dict__["_src_node_id"] = node  # Flower's transport stamps the sender
             replies.append(answer)
         return replies
-
-
-def _array(value: np.ndarray):
-    from flwr.app import Array
-
-    return Array(np.ascontiguousarray(value))

@@ -357,7 +357,17 @@ def flatten(settings: dict, prefix: str = "") -> list[str]:
     return items
 
 
-def federate_command(layout: Layout, mode: str) -> list[str]:
+def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
+    """Overrides that fit the fl settings to a partition with fewer clients than they assume, and a note for each:
+    the recipe's defaults (e.g. 20 speaker-clients per round) then serve a small corpus too."""
+    if config.clients_per_round is not None and int(config.clients_per_round) > num_clients:
+        return {"clients_per_round": num_clients}, [
+            f"clients_per_round {config.clients_per_round} -> {num_clients} (the partition holds {num_clients} clients)"]
+    return {}, []
+
+
+def federate_command(layout: Layout, mode: str, fitted: dict | None = None) -> list[str]:
+    """The `fedasr federate` command of a stage; ``fitted``: overrides from :func:`fit_to_partition`."""
     from fedasr.fl.checkpoint import checkpoint_path
 
     section = layout.config[mode.replace("-", "_")]
@@ -367,7 +377,7 @@ def federate_command(layout: Layout, mode: str) -> list[str]:
                "--seed-checkpoint", str(layout.run("warmup") / "seed_checkpoint"), "--output-dir", str(out),
                "--dev", str(layout.manifests / "dev.csv"), "--test", str(layout.manifests / "test.csv"),
                "--set", f"seed={int(layout.config['seed'])}"]
-    for item in flatten(section.get("set") or {}):
+    for item in flatten({**(section.get("set") or {}), **(fitted or {})}):
         command += ["--set", item]
     if checkpoint_path(out).exists():
         command.append("--resume")  # an interrupted run continues from its last complete round
@@ -401,6 +411,7 @@ class RoundWatcher(threading.Thread):
 
 
 def do_federate(layout: Layout, mode: str, echo) -> None:
+    from fedasr.data.partition import load_partition
     from fedasr.fl.config import load_fl_config, parse_overrides, strategy_name_and_settings
     from fedasr.fl.strategies.factory import build_strategy
 
@@ -408,7 +419,10 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
     out = layout.run(mode)
     out.mkdir(parents=True, exist_ok=True)
     config = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
-    command = federate_command(layout, mode)
+    fitted, notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
+    for note in notes:
+        echo(f"   {mode}: {note}")
+    command = federate_command(layout, mode, fitted)
     watcher = RoundWatcher(out / METRICS_FILE, mode, config.rounds, echo)
     watcher.start()
     log_path = out / "federate.log"
@@ -424,7 +438,7 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
         raise StageFailed(f"{mode}: `fedasr federate` exited with {done.returncode}; log {log_path}:\n{tail}")
     resolved = read_json(out / "fl_config.json")
     save_run_config(out, layout.run_id(mode), resolved)
-    evaluate_run_model(out, layout.run("warmup") / "seed_checkpoint", out / "final_model.pt",
+    evaluate_run_model(out, layout.run("warmup") / "seed_checkpoint", out / "best_model.pt",
                        layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"])
 
 

@@ -2,8 +2,8 @@
 
 Fixtures (all session-scoped, built lazily the first time a test asks for them):
 
-- ``synth_corpus``: a Common-Voice-shaped folder spoken by espeak-ng voices (:data:`FIXTURE_CORPUS`: 16 speakers
-  x 12 clips; 12 train / 2 dev / 2 test speakers).
+- ``synth_corpus``: a Common-Voice-shaped folder spoken by espeak-ng voices (:data:`FIXTURE_CORPUS`: 20 speakers
+  x 12 clips; 14 train / 3 dev / 3 test speakers).
 - ``prepared_manifests``: ``train.csv``, ``dev.csv``, ``test.csv`` made from it by ``prepare_common_voice``.
 - ``cross_silo_partition``: :data:`FIXTURE_WARMUP_SPEAKERS` warm-up speakers + :data:`FIXTURE_SILOS` silos.
 - ``cross_device_partition``: the same warm-up speakers + one client per remaining train speaker.
@@ -19,10 +19,16 @@ from pathlib import Path
 
 import pytest
 
-FIXTURE_CORPUS = {"lang": "fr", "speakers": 16, "utterances_per_speaker": 12, "seed": 0}
+# 20 speakers, not 16: with 2 dev voices the dev WER of the partly trained fixture model swung between 0.56 and 1.26
+# with the seed and the machine (one hard voice dominates); 3 dev voices track the test set (bench/RESULTS.md).
+FIXTURE_CORPUS = {"lang": "fr", "speakers": 20, "utterances_per_speaker": 12, "seed": 0}
 FIXTURE_WARMUP_SPEAKERS = 4
 FIXTURE_SILOS = 4
 FIXTURE_SEED_EPOCHS = 6
+# The fixture model is trained on until its dev WER is below this (2 epochs at a time, at most FIXTURE_MAX_EPOCHS):
+# past the point where the attention decoder starts to spell words, wherever the machine's kernels put it.
+FIXTURE_SEED_MAX_DEV_WER = 0.75
+FIXTURE_MAX_EPOCHS = 12
 
 TEST_ENVIRONMENT = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -93,14 +99,26 @@ def cross_device_partition(prepared_manifests: Path, tmp_path_factory: pytest.Te
 def central_seed_checkpoint(prepared_manifests: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seed checkpoint of the tiny model trained centrally on all train speakers for :data:`FIXTURE_SEED_EPOCHS`
     epochs: a model that decodes but is far from converged, so federated tests can assert that the rounds lower
-    the global dev WER (measured: dev 98.5 % -> 63.7 % after 3 cross-silo rounds at lr 0.5). A converged seed
-    would not do: its dev WER is the minimum over epochs of a 24-utterance dev set, which later rounds regress from.
+    the global dev WER. Its quality differs with the machine (CPU kernels) and the seed: the federated tests use
+    settings that improve it wherever it lands (the default Adam client; plain SGD at lr 0.5 made a good seed worse)
+    and judge the round chosen by dev WER, as a user gets it in best_model.pt. Its quality is pinned from one side:
+    where 6 epochs leave the decoder still at its take-off (dev WER 0.86 for one model seed where others reach
+    0.61-0.65; federated rounds then improve it slowly), training goes on, 2 epochs at a time (the Checkpointer
+    resumes), until the dev WER is below :data:`FIXTURE_SEED_MAX_DEV_WER`.
     """
     from fedasr.models.train import train_central
 
     out = tmp_path_factory.mktemp("central_seed")
     repo = Path(__file__).resolve().parents[1]
-    result = train_central(repo / "hparams" / "CommonVoice" / "synth.yaml",
-                           [f"--manifest_folder={prepared_manifests}", f"--output_folder={out}",
-                            f"--number_of_epochs={FIXTURE_SEED_EPOCHS}"])
+    epochs = FIXTURE_SEED_EPOCHS
+    while True:
+        result = train_central(repo / "hparams" / "CommonVoice" / "synth.yaml",
+                               [f"--manifest_folder={prepared_manifests}", f"--output_folder={out}",
+                                f"--number_of_epochs={epochs}"])
+        if result["dev_wer"] < FIXTURE_SEED_MAX_DEV_WER or epochs >= FIXTURE_MAX_EPOCHS:
+            break
+        epochs += 2
+    assert result["dev_wer"] < FIXTURE_SEED_MAX_DEV_WER, (
+        f"the fixture seed model still has dev WER {result['dev_wer']:.3f} after {epochs} epochs: every federated "
+        "test would start from a model that cannot decode yet")
     return Path(result["seed_checkpoint"])

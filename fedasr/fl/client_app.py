@@ -90,7 +90,8 @@ def train_on_partition(arrays, config, partition: str, partition_id: int) -> tup
     started = time.perf_counter()
     result = cached.system.fit(client["train"], epochs=int(config["local-epochs"]), lr=float(config["lr"]),
                                batch_size=int(config["batch-size"]), seed=seed,
-                               proximal_mu=float(config.get("proximal-mu", 0.0)))
+                               proximal_mu=float(config.get("proximal-mu", 0.0)),
+                               optimizer=str(config.get("optimizer", "sgd")), momentum=float(config.get("momentum", 0.0)))
     metrics = {NUM_EXAMPLES: int(result.num_examples), TRAIN_LOSS: float(result.train_loss),
                PARTITION_ID: int(partition_id), FIT_SECONDS: time.perf_counter() - started}
     if bool(config.get("report-wer", False)):

@@ -19,6 +19,7 @@ from fedasr.utils.settings import deep_merge, did_you_mean, parse_dotted_overrid
 MODES = ("cross-silo", "cross-device")
 WER_SOURCES = ("server", "client")
 UPDATE_ENCODINGS = ("fp32", "fp16", "bf16")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
 DEFAULT_SYSTEM = "fedasr.models.system:SpeechBrainASRSystem"
 
 
@@ -32,6 +33,14 @@ class Annealing:
     factor: float = 0.8
     threshold: float = 0.0025
     patience: int = 0
+
+
+@dataclass
+class ClientOptimizer:
+    """The optimizer of each client's local training, built fresh (empty state) for every round."""
+
+    name: str = "sgd"  # sgd | adam
+    momentum: float = 0.0  # sgd only; 0 = plain SGD (the published client)
 
 
 @dataclass
@@ -78,6 +87,7 @@ class FLConfig:
     batch_size: int = 8
     seed: int = 1234
     clients_per_round: int | None = None  # None: all clients (cross-silo)
+    client_optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
     strategy: dict = field(default_factory=lambda: {"name": "wer-softmax", "temperature": 1.0})
     wer_source: str = "server"
     annealing: Annealing = field(default_factory=Annealing)
@@ -146,6 +156,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
                             f"{sorted(known)}")
     values = dict(raw)
     try:
+        values["client_optimizer"] = _typed(ClientOptimizer(**(values.get("client_optimizer") or {})))
         values["annealing"] = _typed(Annealing(**(values.get("annealing") or {})))
         values["evaluation"] = _typed(Evaluation(**(values.get("evaluation") or {})))
         values["faults"] = _typed(faults_from_dict(values.get("faults")))
@@ -187,6 +198,11 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
             fail(f"{key} must be >= 1, got {getattr(config, key)}")
     if config.lr <= 0:
         fail(f"lr must be > 0, got {config.lr}")
+    opt = config.client_optimizer
+    if opt.name not in CLIENT_OPTIMIZERS:
+        fail(f"client_optimizer.name must be one of {CLIENT_OPTIMIZERS}, got {opt.name!r}")
+    if not 0.0 <= opt.momentum < 1.0 or (opt.momentum and opt.name != "sgd"):
+        fail(f"client_optimizer.momentum must lie in [0, 1) and applies to sgd only, got {opt.momentum} with {opt.name}")
     if config.clients_per_round is not None and int(config.clients_per_round) < 1:
         fail(f"clients_per_round must be >= 1 or null (all clients), got {config.clients_per_round}")
     if not isinstance(config.strategy, dict) or "name" not in config.strategy:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -84,6 +83,8 @@ class FederatedRun:
             "lr": float(lr),
             "local-epochs": int(c.local_epochs),
             "batch-size": int(c.batch_size),
+            "optimizer": c.client_optimizer.name,
+            "momentum": float(c.client_optimizer.momentum),
             "seed": int(c.seed) * 1000 + server_round,
             "seed-checkpoint": self.seed_checkpoint,
             "partition": self.partition,
@@ -225,6 +226,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None) -> dict:
         summary["final_dev_wer"] = history.rows[-1]["dev_wer"]
         summary["final_test_wer"] = history.rows[-1].get("test_wer")
         summary["seed_dev_wer"] = history.rows[0]["dev_wer"]
+        summary["best_test_wer"] = _best_model_test_wer(run, evaluator, history.rows, best["round"])
     if cfg.privacy.enabled:
         summary["dp_epsilon"], summary["dp_delta"] = history.rows[-1].get("dp_epsilon"), cfg.privacy.delta
     atomic_write_json(out / SUMMARY_FILE, summary)
@@ -245,7 +247,9 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
                "round_skipped": False}
         row.update(_dev_and_test(run, evaluator, arrays, 0, force_test=True))
         history.append(row)
-        return arrays, 0, {"wer": math.inf, "round": 0}
+        # The seed competes for the best model: rounds that never beat its dev WER leave best_model.pt = the seed.
+        _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])
+        return arrays, 0, {"wer": row["dev_wer"], "round": 0}
     if not run.resume:
         raise CheckpointError(
             f"{checkpoint_path(out)}: this output folder holds a run stopped after round {state.round}. "
@@ -375,6 +379,19 @@ def _dev_and_test(run, evaluator, arrays, server_round, force_test=False) -> dic
         test = evaluator.evaluate(arrays, run.test_manifest, decoding=ev.test_decoding, max_utterances=None)
         row.update({"test_wer": test.wer, "test_cer": test.cer, "test_words": test.words})
     return row
+
+
+def _best_model_test_wer(run, evaluator, rows: list[dict], best_round: int) -> float | None:
+    """Test WER of best_model.pt (the round chosen by dev WER): that round's own test WER when it was tested,
+    else decoded now with the test decoding. None without a test manifest."""
+    if not run.test_manifest:
+        return None
+    tested = {r["round"]: r["test_wer"] for r in rows if r.get("test_wer") is not None}
+    if best_round in tested:
+        return tested[best_round]
+    state = torch.load(Path(run.output_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"]
+    return evaluator.evaluate(state_to_arrayrecord(state), run.test_manifest,
+                              decoding=run.config.evaluation.test_decoding, max_utterances=None).wer
 
 
 def _save_model(path: Path, state: dict, server_round: int, dev_wer: float) -> None:

@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from fedasr.fl.config import FLConfig, load_fl_config
+from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
 from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app, load_system
 from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, read_json
@@ -71,6 +71,11 @@ def resolve_run(
     loaded = load_partition(partition)
     if loaded.get("mode") in ("cross-silo", "cross-device") and loaded["mode"] != config.mode:
         log.warning("partition %s was made for %s, the run is %s", loaded["path"], loaded["mode"], config.mode)
+    num_clients = len(loaded["clients"])
+    if config.clients_per_round is not None and int(config.clients_per_round) > num_clients:  # before Ray starts
+        raise FLConfigError(
+            f"{hparams}: clients_per_round is {config.clients_per_round} but the partition {loaded['path']} holds "
+            f"{num_clients} clients: lower it (--set clients_per_round={num_clients}) or use a partition with more")
     default_dev, default_test = default_eval_manifests(partition)
     dev = Path(dev_manifest or default_dev).resolve()
     if not dev.exists():
@@ -83,7 +88,7 @@ def resolve_run(
         raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
     return FederatedRun(
         config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
-        dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=len(loaded["clients"]),
+        dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=num_clients,
         resume=resume, stop_after_round=stop_after_round, assign_partitions=True,
     )
 

@@ -124,3 +124,41 @@ def format_report(report: Mapping) -> str:
         for value, c in values.items():
             lines.append(line(column, value, c))
     return "\n".join(lines)
+
+
+def speaker_bootstrap(runs: Mapping[str, Sequence[Mapping]], reference: str | None = None, *, resamples: int = 2000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, dict]:
+    """Percentile intervals of each run's WER, and of its WER over ``reference``'s, by resampling speakers.
+
+    ``runs``: per-utterance rows (spk_id, errors, words) of each run on the SAME test set. Each resample draws
+    the test speakers with replacement (utterances of one speaker stay together: they are not independent) and
+    recomputes every run's WER as summed errors over summed words on that draw; the ratio uses the same draw for
+    both runs (a paired bootstrap), so what the two runs share cancels out. Returns
+    ``{run: {"wer": (lo, hi), "ratio": (lo, hi) or None}}``.
+    """
+    import numpy as np
+
+    if not runs:
+        return {}
+    per_run = {name: counts_by(rows, "spk_id") for name, rows in runs.items()}
+    speakers = sorted(set().union(*(set(c) for c in per_run.values())))
+    if not speakers:
+        return {name: {"wer": None, "ratio": None} for name in runs}
+    errors = {n: np.array([c[s].word_errors if s in c else 0 for s in speakers], float) for n, c in per_run.items()}
+    words = {n: np.array([c[s].words if s in c else 0 for s in speakers], float) for n, c in per_run.items()}
+    draws = np.random.default_rng(seed).integers(0, len(speakers), size=(resamples, len(speakers)))
+    counts = np.stack([np.bincount(d, minlength=len(speakers)) for d in draws])  # times each speaker is drawn
+    wer = {n: (counts @ errors[n]) / np.maximum(counts @ words[n], 1.0) for n in runs}
+    tail = 100 * (1 - level) / 2
+
+    def interval(values) -> tuple[float, float]:
+        lo, hi = np.percentile(values, [tail, 100 - tail])
+        return float(lo), float(hi)
+
+    result = {}
+    for name in runs:
+        ratio = None
+        if reference is not None and reference in wer and name != reference:
+            ratio = interval(wer[name] / np.maximum(wer[reference], 1e-12))
+        result[name] = {"wer": interval(wer[name]), "ratio": ratio}
+    return result

@@ -47,8 +47,9 @@ class ASRSystem(Protocol):
         """Load global weights; frozen normaliser stats are loaded as they are and never updated afterwards."""
 
     def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int,
-            proximal_mu: float = 0.0) -> FitResult:
-        """Local fine-tuning with plain SGD for ``epochs`` epochs; no checkpoint recovery, no beam search.
+            proximal_mu: float = 0.0, optimizer: str = "sgd", momentum: float = 0.0) -> FitResult:
+        """Local fine-tuning for ``epochs`` epochs with a fresh optimizer ("sgd" with ``momentum``, or "adam");
+        no checkpoint recovery, no beam search.
         ``proximal_mu`` > 0: FedProx's proximal term mu/2 * ||w - w_start||^2 is added to the loss."""
 
     def evaluate(

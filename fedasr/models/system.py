@@ -76,9 +76,11 @@ class SpeechBrainASRSystem:
 
     # ---- local training --------------------------------------------------------------------------------------
     def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int,
-            proximal_mu: float = 0.0) -> FitResult:
-        """``epochs`` epochs of plain SGD (fresh optimizer each call); no checkpoint recovery, no decoding.
+            proximal_mu: float = 0.0, optimizer: str = "sgd", momentum: float = 0.0) -> FitResult:
+        """``epochs`` epochs of local training with a fresh ``optimizer`` (its state starts empty every call: no
+        moment estimates travel between rounds or clients); no checkpoint recovery, no decoding.
 
+        ``optimizer``: "sgd" (with ``momentum``; 0 = plain SGD, the published client) or "adam".
         ``proximal_mu`` > 0 adds FedProx's proximal term towards the weights held at the start of the call.
         """
         start = time.perf_counter()
@@ -90,7 +92,7 @@ class SpeechBrainASRSystem:
         anchor = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu else []
         brain = ASRBrain(
             modules={"model": self.model},
-            opt_class=functools.partial(torch.optim.SGD, lr=lr),
+            opt_class=client_optimizer(optimizer, lr=lr, momentum=momentum),
             hparams={"tokenizer": self.tokenizer, "valid_search": None, "test_search": None,
                      "proximal_mu": float(proximal_mu), "proximal_anchor": anchor},
             run_opts={"device": self.device, "noprogressbar": True,
@@ -134,6 +136,17 @@ class SpeechBrainASRSystem:
             char_errors=total["char_errors"], chars=total["chars"], num_utterances=total["utterances"],
             loss=loss, per_utterance=rows if per_utterance else [],
         )
+
+
+def client_optimizer(name: str, *, lr: float, momentum: float = 0.0):
+    """The optimizer class (bound to its settings) a local training builds: SGD (``momentum`` >= 0) or Adam."""
+    if name == "sgd":
+        return functools.partial(torch.optim.SGD, lr=lr, momentum=momentum)
+    if name == "adam":
+        if momentum:
+            raise ValueError(f"momentum applies to the sgd optimizer only, got optimizer adam with momentum {momentum}")
+        return functools.partial(torch.optim.Adam, lr=lr)
+    raise ValueError(f"client optimizer must be sgd or adam, got {name!r}")
 
 
 def load_system(checkpoint_dir: str | os.PathLike, overrides: dict | None = None, device: str = "cpu") -> SpeechBrainASRSystem:

@@ -26,7 +26,7 @@ from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text, r
 
 HYPS_FILE = Path("eval") / "hyps.tsv"
 TABLE_COLUMNS = ("run", "setting", "clients", "clients_per_round", "rounds", "local_epochs", "strategy",
-                 "dev_wer", "test_wer", "wer_vs_central", "bytes_sent", "bytes_received", "wall_seconds",
+                 "dev_wer", "test_wer", "test_wer_ci95", "wer_vs_central", "wer_vs_central_ci95", "bytes_sent", "bytes_received", "wall_seconds",
                  "compute_seconds", "energy_kwh", "co2_kg", "measured_kwh", "measured_co2_kg")
 PLOTS = {"curves": "dev_wer_per_round.png", "speakers": "per_speaker_wer.png", "groups": "wer_per_group.png"}
 DEMOGRAPHIC_COLUMNS = ("gender", "age", "accents")
@@ -134,12 +134,11 @@ def load_federated_run(folder: Path) -> RunRecord:
         model_bytes = travelling_model_bytes(folder)
         bytes_sent = model_bytes * sum(int(r.get("sampled", len(r.get("clients", [])))) for r in rounds)
         bytes_received = model_bytes * sum(len(r.get("clients", [])) + len(r.get("dropped", [])) for r in rounds)
-    tested = [r for r in rows if r.get("test_wer") is not None]
     return RunRecord(
         path=str(folder), name=_run_name(folder, setting), setting=setting, clients=num_clients,
         clients_per_round=int(config.get("clients_per_round") or num_clients), rounds=len(rounds),
         local_epochs=int(config["local_epochs"]), strategy=str(config["strategy"]["name"]),
-        dev_wer=float(rows[-1]["dev_wer"]), test_wer=float(tested[-1]["test_wer"]) if tested else None,
+        dev_wer=float(rows[-1]["dev_wer"]), test_wer=federated_test_wer(folder, rows),
         bytes_sent=bytes_sent, bytes_received=bytes_received,
         wall_seconds=sum(float(r.get("seconds", {}).get("round", 0.0)) for r in rounds),
         compute_seconds=sum(float(r.get("train_fit_seconds_sum", 0.0)) + float(r.get("seconds", {}).get("evaluate", 0.0))
@@ -147,6 +146,17 @@ def load_federated_run(folder: Path) -> RunRecord:
         measured_kwh=measured_kwh(folder),
         dev_curve=[(int(r["round"]), float(r["dev_wer"])) for r in rows],
     )
+
+
+def federated_test_wer(folder: Path, rows: list[dict]) -> float | None:
+    """Test WER of the model chosen by dev WER (summary.json's best_test_wer, as a centralized run reports its best
+    epoch's); runs recorded before it: the last tested round's."""
+    summary_path = folder / "summary.json"
+    best = read_json(summary_path).get("best_test_wer") if summary_path.exists() else None
+    if best is not None:
+        return float(best)
+    tested = [r for r in rows if r.get("test_wer") is not None]
+    return float(tested[-1]["test_wer"]) if tested else None
 
 
 def travelling_model_bytes(folder: Path) -> int:
@@ -167,13 +177,17 @@ def _float_or_none(value) -> float | None:
 
 # ---- the table ---------------------------------------------------------------------------------------------------
 
-def table_rows(runs: list[RunRecord], *, profile: str = "v100", grid: str = "france") -> list[dict]:
-    """One dict per run with every column of :data:`TABLE_COLUMNS` (WERs as fractions)."""
+def table_rows(runs: list[RunRecord], *, profile: str = "v100", grid: str = "france",
+               intervals: dict[str, dict] | None = None) -> list[dict]:
+    """One dict per run with every column of :data:`TABLE_COLUMNS` (WERs as fractions); ``intervals``: the
+    speaker-bootstrap intervals of :func:`test_wer_intervals` by run path (None: no interval columns filled)."""
     device = device_profile(profile)
     grid_intensity(grid)  # fail early on an unknown grid
     central = next((r for r in runs if r.setting == "central"), None)
+    intervals = intervals or {}
     rows = []
     for run in runs:
+        interval = intervals.get(run.path) or {}
         kwh = energy_kwh(run.compute_seconds, device)
         relative = None
         if central is not None and run.test_wer is not None and central.test_wer:
@@ -181,7 +195,9 @@ def table_rows(runs: list[RunRecord], *, profile: str = "v100", grid: str = "fra
         rows.append({
             "run": run.name, "setting": run.setting, "clients": run.clients,
             "clients_per_round": run.clients_per_round, "rounds": run.rounds, "local_epochs": run.local_epochs,
-            "strategy": run.strategy, "dev_wer": run.dev_wer, "test_wer": run.test_wer, "wer_vs_central": relative,
+            "strategy": run.strategy, "dev_wer": run.dev_wer, "test_wer": run.test_wer,
+            "test_wer_ci95": interval.get("wer"), "wer_vs_central": relative,
+            "wer_vs_central_ci95": interval.get("ratio"),
             "bytes_sent": run.bytes_sent, "bytes_received": run.bytes_received,
             "wall_seconds": round(run.wall_seconds, 1), "compute_seconds": round(run.compute_seconds, 1),
             "energy_kwh": kwh, "co2_kg": co2_kg(kwh, grid), "measured_kwh": run.measured_kwh,
@@ -197,6 +213,10 @@ def _cell(column: str, value) -> str:
         return f"{100 * value:.2f}"
     if column == "wer_vs_central":
         return f"{value:.3f}"
+    if column == "test_wer_ci95":
+        return f"[{100 * value[0]:.2f}, {100 * value[1]:.2f}]"
+    if column == "wer_vs_central_ci95":
+        return f"[{value[0]:.3f}, {value[1]:.3f}]"
     if column.startswith("bytes"):
         return f"{value / 1e6:.2f}"
     if column in ("energy_kwh", "co2_kg", "measured_kwh", "measured_co2_kg"):
@@ -205,6 +225,7 @@ def _cell(column: str, value) -> str:
 
 
 MARKDOWN_HEADERS = {"dev_wer": "dev WER %", "test_wer": "test WER %", "wer_vs_central": "WER / central",
+                    "test_wer_ci95": "test WER 95 % CI", "wer_vs_central_ci95": "WER / central 95 % CI",
                     "bytes_sent": "MB sent", "bytes_received": "MB received", "wall_seconds": "wall s",
                     "compute_seconds": "compute s", "energy_kwh": "kWh (profile)", "co2_kg": "kg CO2 (profile)",
                     "measured_kwh": "kWh (measured)", "measured_co2_kg": "kg CO2 (measured)",
@@ -224,7 +245,8 @@ def csv_table(rows: list[dict]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=TABLE_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in TABLE_COLUMNS})
+        writer.writerow({k: "" if row[k] is None else ";".join(map(str, row[k])) if isinstance(row[k], tuple) else row[k]
+                         for k in TABLE_COLUMNS})
     return buffer.getvalue()
 
 
@@ -324,6 +346,22 @@ def plot_group_wers(runs: list[RunRecord], hyps: dict[str, list[dict]], path: Pa
     return _save(plt, fig, path)
 
 
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def test_wer_intervals(runs: list[RunRecord], hyps: dict[str, list[dict]]) -> dict[str, dict]:
+    """95 % intervals of test WER and of WER / central for the runs with per-utterance hypotheses (eval/hyps.tsv),
+    by a paired bootstrap over test speakers; runs on another test set than the centralized run get none."""
+    from fedasr.metrics.wer import speaker_bootstrap
+
+    with_rows = {run.path: hyps[run.path] for run in runs if hyps.get(run.path)}
+    central = next((r.path for r in runs if r.setting == "central" and r.path in with_rows), None)
+    if central is not None:
+        test_set = {row["ID"] for row in with_rows[central]}
+        with_rows = {path: rows for path, rows in with_rows.items() if {row["ID"] for row in rows} == test_set}
+    return speaker_bootstrap(with_rows, central, resamples=BOOTSTRAP_RESAMPLES)
+
+
 # ---- the command -------------------------------------------------------------------------------------------------
 
 def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, *, profile: str = "v100",
@@ -332,15 +370,17 @@ def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, 
     if not run_dirs:
         raise RunFolderError("no run folders given: pass the output folders of train-central / federate runs")
     runs = [load_run(d) for d in run_dirs]
-    rows = table_rows(runs, profile=profile, grid=grid)
+    hyps = {run.path: read_hyps(run.path) for run in runs}
+    rows = table_rows(runs, profile=profile, grid=grid, intervals=test_wer_intervals(runs, hyps))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     profile_line = (f"Energy: compute seconds x {device_profile(profile).description}; CO2: grid '{grid}' "
-                    f"({grid_intensity(grid)} kg CO2/kWh). WER/central: test WER over the centralized run's.")
+                    f"({grid_intensity(grid)} kg CO2/kWh). WER/central: test WER over the centralized run's. "
+                    f"95 % CI: percentile bootstrap over test speakers ({BOOTSTRAP_RESAMPLES} resamples, paired for "
+                    "the ratio) of each run's eval/hyps.tsv.")
     markdown = markdown_table(rows) + "\n\n" + profile_line + "\n"
     atomic_write_text(out / "compare.md", markdown)
     atomic_write_text(out / "compare.csv", csv_table(rows))
-    hyps = {run.path: read_hyps(run.path) for run in runs}
     plots = [plot_dev_curves(runs, out / PLOTS["curves"]), plot_speaker_wers(runs, hyps, out / PLOTS["speakers"]),
              plot_group_wers(runs, hyps, out / PLOTS["groups"])]
     summary = {"rows": rows, "runs": [asdict(r) for r in runs], "profile": profile, "grid": grid,

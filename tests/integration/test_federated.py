@@ -44,10 +44,11 @@ def federate_command(partition: Path, seed: Path, out: Path, *extra: str, hparam
             "--seed-checkpoint", str(seed), "--output-dir", str(out), *extra]
 
 
-# Small and fast: 3 rounds of 2 local epochs, WER-softmax with the published T = 1, each client scored on 8 dev
-# utterances on the server, greedy decoding everywhere. Client lr 0.5: from the fixture seed, lr 0.1 moved the dev
-# WER by 98.5 -> 93.3 % in 3 rounds, lr 0.5 by 98.5 -> 63.7 % (and test 113 -> 60 %).
-TINY = [f"--set={item}" for item in ("rounds=3", "local_epochs=2", "lr=0.5", "strategy.temperature=1",
+# Small and fast: 3 rounds of 2 local epochs with the default client (Adam, fresh each round) and WER-softmax
+# (T = 1), each client scored on 8 dev utterances on the server, greedy decoding everywhere. Measured in-process
+# from fixture seeds of 3 model seeds (bench/RESULTS.md, "FL acceptance tests"): the best round's dev WER 0.65 ->
+# 0.44, ...; plain SGD at lr 0.5 (the earlier setting) improved a poor seed but made a good one worse.
+TINY = [f"--set={item}" for item in ("rounds=3", "local_epochs=2", "lr=0.002", "batch_size=4",
                                      "evaluation.server_wer_utterances=8", "evaluation.test_decoding=greedy")]
 
 
@@ -73,8 +74,10 @@ def test_cross_silo_simulation_lowers_the_global_dev_wer(cross_silo_run: Path):
     summary = json.loads((cross_silo_run / "summary.json").read_text())
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(len(r["clients"]) == 4 for r in rows[1:])  # every silo trains every round
-    # The point of federating: the global model after the rounds is better on dev than the seed it started from.
-    assert rows[-1]["dev_wer"] < 0.9 * rows[0]["dev_wer"], [r["dev_wer"] for r in rows]
+    # The point of federating: the model the run hands over (best_model.pt: the round chosen by dev WER, the seed
+    # competing) is clearly better on dev than the seed it started from.
+    assert summary["best_round"] >= 1 and summary["best_dev_wer"] < 0.9 * rows[0]["dev_wer"], [r["dev_wer"] for r in rows]
+    assert summary["best_dev_wer"] == min(r["dev_wer"] for r in rows) == rows[summary["best_round"]]["dev_wer"]
     assert summary["seed_dev_wer"] == rows[0]["dev_wer"] and summary["final_dev_wer"] == rows[-1]["dev_wer"]
     # Bytes counted from the arrays actually sent: 4 equal models out, 4 replies of the same arrays back.
     assert all(r["bytes_sent"] > 0 and r["bytes_sent"] % 4 == 0 and r["bytes_received"] == r["bytes_sent"]
@@ -149,7 +152,8 @@ def test_cross_device_simulation_samples_clients_and_lowers_the_global_dev_wer(c
     assert num_clients > 4
     assert all(r["sampled"] == 4 and len(r["clients"]) == 4 for r in rows[1:])
     assert len({tuple(r["clients"]) for r in rows[1:]}) > 1  # a new sample each round
-    assert rows[-1]["dev_wer"] < 0.95 * rows[0]["dev_wer"], [r["dev_wer"] for r in rows]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_round"] >= 1 and summary["best_dev_wer"] < 0.95 * rows[0]["dev_wer"], [r["dev_wer"] for r in rows]
 
 
 def free_port() -> int:

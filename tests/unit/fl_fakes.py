@@ -51,9 +51,9 @@ class FakeASR:
     def load_state_dict(self, state):
         self.net.load_state_dict(state)
 
-    def fit(self, manifest, *, epochs, lr, batch_size, seed, proximal_mu=0.0):
+    def fit(self, manifest, *, epochs, lr, batch_size, seed, proximal_mu=0.0, optimizer="sgd", momentum=0.0):
         gen = torch.Generator().manual_seed(manifest_seed(manifest) ^ seed)
-        opt = torch.optim.SGD(self.net.linear.parameters(), lr=lr)
+        opt = torch.optim.SGD(self.net.linear.parameters(), lr=lr, momentum=momentum)
         self.net.train()
         loss = torch.tensor(0.0)
         for _ in range(epochs):

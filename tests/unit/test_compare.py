@@ -91,7 +91,10 @@ def test_table_values_match_the_run_files(runs, tmp_path):
     assert [r["setting"] for r in table] == ["central", "cross-silo"]
     assert float(table[1]["test_wer"]) == 0.35 and int(table[1]["bytes_sent"]) == 8 * MODEL_BYTES
     markdown = (tmp_path / "report" / "compare.md").read_text()
-    assert "| cross-silo | cross-silo | 4 | 4 | 2 | 5 | wer-softmax | 40.00 | 35.00 | 1.400 |" in markdown
+    assert "| cross-silo | cross-silo | 4 | 4 | 2 | 5 | wer-softmax | 40.00 | 35.00 | [" in markdown
+    # 95 % intervals from eval/hyps.tsv, resampling the 2 test speakers: central s1 1/10, s2 3/10 errors.
+    assert central["test_wer_ci95"] == (0.1, 0.3) and central["wer_vs_central_ci95"] is None
+    assert silo["test_wer_ci95"] == (0.2, 0.5) and 2.0 / 3.0 <= silo["wer_vs_central_ci95"][0] < silo["wer_vs_central_ci95"][1] <= 2.0
 
 
 def test_bytes_counted_by_the_server_are_used_when_recorded(runs, tmp_path):

@@ -59,3 +59,25 @@ def test_group_report_sums_per_speaker_and_per_gender():
 def test_rate_of_no_reference_words():
     assert ErrorCounts().wer == 0.0
     assert ErrorCounts(word_errors=2).wer == float("inf")
+
+
+def test_speaker_bootstrap_resamples_speakers_and_pairs_the_ratio():
+    from fedasr.metrics.wer import speaker_bootstrap
+
+    def rows(errors_by_speaker):  # 20 utterances of 10 words per speaker
+        return [{"ID": f"{spk}-{i}", "spk_id": spk, "errors": errors, "words": 10}
+                for spk, errors in errors_by_speaker.items() for i in range(20)]
+
+    speakers = {f"s{k}": k % 6 for k in range(12)}  # per-speaker WER 0 % .. 50 %
+    central = rows(speakers)
+    federated = rows({spk: errors + 1 for spk, errors in speakers.items()})  # one more error everywhere
+    intervals = speaker_bootstrap({"central": central, "fl": federated, "same": central}, "central", seed=3)
+    lo, hi = intervals["central"]["wer"]
+    assert lo < 0.25 < hi and hi - lo > 0.1  # the point estimate (0.25) inside; 12 speakers leave a wide interval
+    assert intervals["same"]["ratio"] == (1.0, 1.0) and intervals["central"]["ratio"] is None
+    ratio_lo, ratio_hi = intervals["fl"]["ratio"]
+    # The two runs' WER intervals overlap, yet the paired ratio interval is far from 1: a real difference shows.
+    assert intervals["fl"]["wer"][0] < hi and 1.2 < ratio_lo < 0.35 / 0.25 < ratio_hi < 1.7
+    # Utterances of one speaker move together: two speakers at 0 % and 100 % give an interval spanning both.
+    split = speaker_bootstrap({"run": rows({"a": 0, "b": 10})}, None, seed=0)["run"]["wer"]
+    assert split[0] == 0.0 and split[1] == 1.0

@@ -1,0 +1,51 @@
+"""The model a user gets is the one chosen by dev WER, the seed included: best_model.pt, summary.json's
+best_round / best_test_wer and the test WER `fedasr compare` reports (fake system, in-process grid)."""
+
+import json
+
+import torch
+from flwr.app import MetricRecord
+
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.fl.config import config_from_dict
+from fedasr.fl.server_app import FederatedRun, run_server
+from fedasr.report.compare import load_federated_run
+from fl_fakes import TARGET, FakeASR, FakeGrid
+
+
+def make_run(tmp_path, rounds: int) -> FederatedRun:
+    settings = {"rounds": rounds, "local_epochs": 1, "lr": 0.2, "batch_size": 4, "seed": 7, "system": "fl_fakes:FakeASR",
+                "strategy": {"name": "fedavg"}, "round_timeout": 30}
+    return FederatedRun(config=config_from_dict(settings), seed_checkpoint="seed", partition="partition.json",
+                        output_dir=str(tmp_path), dev_manifest="dev.csv", test_manifest="test.csv", num_clients=2)
+
+
+def scripted_grid(weight_per_round: dict[int, float]):
+    """Every client returns the global model with its linear weight set to TARGET + offset of the round: offset 0
+    is the perfect model (WER 0), a large offset a model far worse than the seed."""
+    def train(arrays, config, pid):
+        values = arrays_to_numpy(arrays)
+        values["linear.weight"] = (TARGET + weight_per_round[int(config["server-round"])]).numpy()
+        metrics = MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid})
+        return numpy_to_arrayrecord(values), metrics
+    return FakeGrid(2, train)
+
+
+def test_rounds_that_never_beat_the_seed_leave_the_seed_as_best_model(tmp_path, fake_clients):
+    seed_state = FakeASR().state_dict()
+    summary = run_server(scripted_grid({1: 50.0, 2: 60.0}), make_run(tmp_path, rounds=2), FakeASR())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["dev_wer"] > rows[0]["dev_wer"] and rows[2]["dev_wer"] > rows[0]["dev_wer"]
+    assert summary["best_round"] == 0 and summary["best_dev_wer"] == rows[0]["dev_wer"]
+    best = torch.load(tmp_path / "best_model.pt")
+    assert best["round"] == 0 and all(torch.equal(best["state_dict"][k], v) for k, v in seed_state.items())
+    assert summary["best_test_wer"] == rows[0]["test_wer"] != summary["final_test_wer"]
+
+
+def test_the_test_wer_reported_is_the_best_dev_rounds_even_when_it_was_not_tested(tmp_path, fake_clients):
+    summary = run_server(scripted_grid({1: 0.0, 2: 40.0}), make_run(tmp_path, rounds=2), FakeASR())
+    assert summary["best_round"] == 1 and summary["best_dev_wer"] == 0.0
+    assert summary["best_test_wer"] == 0.0 and summary["final_test_wer"] > 0.9  # round 1 was never tested in the loop
+    (tmp_path / "fl_config.json").write_text(json.dumps({"config": make_run(tmp_path, 2).config.to_dict(),
+                                                         "num_clients": 2}))
+    assert load_federated_run(tmp_path).test_wer == 0.0  # compare reports the model chosen by dev WER

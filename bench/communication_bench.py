@@ -54,7 +54,7 @@ def reply_bytes(model: str) -> list[dict]:
 
 
 def federate(encoding: str, partition: Path, seed: Path, out: Path, rounds: int, local_epochs: int) -> list[dict]:
-    settings = [f"rounds={rounds}", f"local_epochs={local_epochs}", "lr=0.1", "strategy.temperature=1", f"update_encoding={encoding}",
+    settings = [f"rounds={rounds}", f"local_epochs={local_epochs}", "lr=0.1", "client_optimizer.name=sgd", "strategy.temperature=1", f"update_encoding={encoding}",
                 "evaluation.server_wer_utterances=8", "evaluation.test_decoding=greedy"]
     command = [str(Path(sys.executable).parent / "fedasr"), "federate", str(REPO / "hparams/fl/cross_silo.yaml"),
                "--partition", str(partition), "--seed-checkpoint", str(seed), "--output-dir", str(out)]

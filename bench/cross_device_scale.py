@@ -192,7 +192,8 @@ def reference_child(spec: dict) -> None:
     client = load_partition(spec["partition"])["clients"][0]
     system = import_system_class(config.system).from_checkpoint(spec["seed"], overrides=config.system_overrides or None)
     started = time.perf_counter()
-    result = system.fit(client["train"], epochs=1, lr=config.lr, batch_size=config.batch_size, seed=config.seed)
+    result = system.fit(client["train"], epochs=1, lr=config.lr, batch_size=config.batch_size, seed=config.seed,
+                        optimizer=config.client_optimizer.name, momentum=config.client_optimizer.momentum)
     report = {"fit_s": time.perf_counter() - started, "utterances": result.num_examples, **own_memory_mb()}
     Path(spec["out"]).write_text(json.dumps(report))
 

@@ -74,7 +74,7 @@ def main() -> None:
 
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    common = [f"rounds={args.rounds}", f"local_epochs={args.local_epochs}", "lr=0.1", "strategy.name=fedavg",
+    common = [f"rounds={args.rounds}", f"local_epochs={args.local_epochs}", "lr=0.1", "client_optimizer.name=sgd", "strategy.name=fedavg",
               "evaluation.test_decoding=greedy"]
     runs = [] if args.skip_baseline else [("fedavg", None, common)]
     for noise in args.noise:

@@ -343,9 +343,8 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
     save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
-    if setting == "central":
-        evaluate_run_model(out, out / "seed_checkpoint", None, layout.manifests / "test.csv",
-                           decoding=layout.config["evaluation"]["decoding"])
+    evaluate_run_model(out, out / "seed_checkpoint", None, layout.manifests / "test.csv",  # per-utterance rows:
+                       decoding=layout.config["evaluation"]["decoding"])  # compare's per-speaker plots and intervals
 
 
 def flatten(settings: dict, prefix: str = "") -> list[str]:

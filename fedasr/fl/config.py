@@ -155,6 +155,14 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
         raise FLConfigError(f"{source}: unknown key(s) {unknown}{did_you_mean(unknown, known)}; valid keys are "
                             f"{sorted(known)}")
     values = dict(raw)
+    for name, section in (("client_optimizer", ClientOptimizer), ("annealing", Annealing), ("evaluation", Evaluation),
+                          ("privacy", Privacy), ("secure_aggregation", SecureAggregation)):
+        given = values.get(name) or {}
+        valid = set(section.__dataclass_fields__)
+        wrong = sorted(set(given) - valid) if isinstance(given, dict) else []
+        if wrong:
+            raise FLConfigError(f"{source}: unknown key(s) {[f'{name}.{k}' for k in wrong]}{did_you_mean(wrong, valid)}; "
+                                f"valid keys of {name} are {sorted(valid)}")
     try:
         values["client_optimizer"] = _typed(ClientOptimizer(**(values.get("client_optimizer") or {})))
         values["annealing"] = _typed(Annealing(**(values.get("annealing") or {})))

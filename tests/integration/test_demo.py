@@ -64,12 +64,18 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path):
         table = {row["setting"]: row for row in csv.DictReader(handle)}
     assert set(table) == set(SETTINGS)
     for mode in ("cross-silo", "cross-device"):
-        rows = metrics_rows(runs[mode])
-        assert float(table[mode]["test_wer"]) == pytest.approx(rows[-1]["test_wer"])
+        rows, summary = metrics_rows(runs[mode]), json.loads((runs[mode] / "summary.json").read_text())
+        # The test WER reported is the model's chosen by dev WER (best_model.pt), as for the centralized run.
+        assert float(table[mode]["test_wer"]) == pytest.approx(summary["best_test_wer"])
+        assert summary["best_dev_wer"] == min(r["dev_wer"] for r in rows) == rows[summary["best_round"]]["dev_wer"]
         assert int(table[mode]["rounds"]) == 2 and int(table[mode]["bytes_sent"]) > 0
         assert (runs[mode] / "train_log.txt").read_text().count("round:") == 3
         assert (runs[mode] / "eval" / "hyps.tsv").exists()
     assert int(table["cross-device"]["clients_per_round"]) == 2
+    for setting in SETTINGS:  # speaker-bootstrap intervals around the WER of each run's own hypotheses
+        low, high = map(float, table[setting]["test_wer_ci95"].split(";"))
+        assert low <= float(table[setting]["test_wer"]) <= high
+        assert (table[setting]["wer_vs_central_ci95"] == "") == (setting == "central")
     for setting in SETTINGS:  # codecarbon measured every training run; the table shows it beside the estimate
         measured = json.loads((runs[setting] / "energy.json").read_text())["kwh"]
         assert measured > 0 and float(table[setting]["measured_kwh"]) == pytest.approx(measured)

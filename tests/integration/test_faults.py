@@ -33,7 +33,7 @@ def faulty_run(cross_device_partition, central_seed_checkpoint, tmp_path_factory
 
     num_clients = len(load_partition(cross_device_partition)["clients"])
     out = tmp_path_factory.mktemp("faults")
-    settings = ["rounds=2", "local_epochs=1", "lr=0.05", f"clients_per_round={num_clients}", "batch_size=4",
+    settings = ["rounds=2", "local_epochs=1", "lr=0.05", "client_optimizer.name=sgd", f"clients_per_round={num_clients}", "batch_size=4",
                 "evaluation.server_wer_utterances=4", "evaluation.dev_max_utterances=8",
                 "evaluation.test_decoding=greedy", "min_clients=2", f"round_timeout={ROUND_TIMEOUT_S}",
                 f"faults.inject.{CRASH}=crash", f"faults.inject.{NAN}=nan", f"faults.inject.{DROPOUT}=dropout",

@@ -27,7 +27,7 @@ CLIP, NOISE, DELTA = 0.1, 0.05, 1e-4
 
 def test_dp_cross_silo_run_clips_noises_and_reports_epsilon(cross_silo_partition, central_seed_checkpoint, tmp_path):
     out = tmp_path / "dp_run"
-    settings = ["rounds=2", "local_epochs=1", "lr=0.1", "strategy.name=fedavg", "evaluation.test_decoding=greedy",
+    settings = ["rounds=2", "local_epochs=1", "lr=0.1", "client_optimizer.name=sgd", "strategy.name=fedavg", "evaluation.test_decoding=greedy",
                 "evaluation.dev_max_utterances=10", "privacy.enabled=true", f"privacy.clipping_norm={CLIP}",
                 f"privacy.noise_multiplier={NOISE}", f"privacy.delta={DELTA}"]
     command = [str(BIN / "fedasr"), "federate", str(REPO / "hparams/fl/cross_silo.yaml"), "--partition",

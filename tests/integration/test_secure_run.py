@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 # One round, one local epoch; loss-softmax at T = 0.1 so the clients' weights differ (the fixture silos' local WERs
 # are equal); dev WER on 8 utterances, no per-client scoring on the server.
-ONE_ROUND = [f"--set={item}" for item in ("rounds=1", "local_epochs=1", "lr=0.5", "strategy.name=loss-softmax",
+ONE_ROUND = [f"--set={item}" for item in ("rounds=1", "local_epochs=1", "lr=0.5", "client_optimizer.name=sgd", "strategy.name=loss-softmax",
                                           "strategy.temperature=0.1", "evaluation.dev_max_utterances=8",
                                           "evaluation.test_decoding=greedy")]
 

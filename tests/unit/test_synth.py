@@ -113,7 +113,7 @@ def test_fixture_corpus_has_the_common_voice_layout(synth_corpus):
     split_paths = sorted(r["path"] for s in ("train", "dev", "test") for r in rows[s])
     assert split_paths == sorted(r["path"] for r in rows["validated"])
     speakers = {s: {r["client_id"] for r in rows[s]} for s in ("train", "dev", "test")}
-    assert (len(speakers["train"]), len(speakers["dev"]), len(speakers["test"])) == (12, 2, 2)
+    assert (len(speakers["train"]), len(speakers["dev"]), len(speakers["test"])) == (14, 3, 3)
     assert not speakers["train"] & speakers["dev"] and not speakers["train"] & speakers["test"]
     assert not speakers["dev"] & speakers["test"]
     for row in rows["validated"]:

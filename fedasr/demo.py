@@ -18,13 +18,11 @@ reference does; the federated runs start from the warm-up seed.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -128,8 +126,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
 def check_pipeline_references(config: dict, *, source: str) -> None:
     """What the pipeline config points at: the experiment and model YAMLs (and the keys ``warmup`` / ``central``
     override in them), the fl hparams with their ``set`` overrides, the report's device profile and grid."""
-    from fedasr.fl.config import load_fl_config, parse_overrides, strategy_name_and_settings
-    from fedasr.fl.strategies.factory import build_strategy
+    from fedasr.fl.config import load_fl_config, parse_overrides
     from fedasr.models.hparams import compose_yaml, override_schema
     from fedasr.report.energy import device_profile, grid_intensity
 
@@ -154,29 +151,14 @@ def check_pipeline_references(config: dict, *, source: str) -> None:
     for name in ("cross_silo", "cross_device"):
         section = config[name]
         try:
-            fl = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
-            clients = fl.clients_per_round or 1  # the partition does not exist yet: any count that fits
-            with quiet_logger("flwr"):  # a trial build: its sampling warnings would come again at the stage
-                build_strategy(*strategy_name_and_settings(fl), num_clients=clients, clients_per_round=clients)
-        except ValueError as err:
+            load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
+        except ValueError as err:  # every key and value, strategy settings included (a trial build)
             raise PipelineError(f"{source}: {name}.hparams / {name}.set: {err}") from None
     try:
         device_profile(config["compare"].get("profile", "v100"))
         grid_intensity(config["compare"].get("grid", "france"))
     except ValueError as err:
         raise PipelineError(f"{source}: compare: {err}") from None
-
-
-@contextmanager
-def quiet_logger(name: str):
-    """Only errors from logger ``name`` while the block runs."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def repo_path(path: str) -> Path:
@@ -411,8 +393,7 @@ class RoundWatcher(threading.Thread):
 
 def do_federate(layout: Layout, mode: str, echo) -> None:
     from fedasr.data.partition import load_partition
-    from fedasr.fl.config import load_fl_config, parse_overrides, strategy_name_and_settings
-    from fedasr.fl.strategies.factory import build_strategy
+    from fedasr.fl.config import load_fl_config, parse_overrides
 
     section = layout.config[mode.replace("-", "_")]
     out = layout.run(mode)

@@ -14,7 +14,7 @@ from pathlib import Path
 from hyperpyyaml import load_hyperpyyaml
 
 from fedasr.fl.faults import Faults, check_faults, faults_from_dict
-from fedasr.utils.settings import deep_merge, did_you_mean, parse_dotted_overrides
+from fedasr.utils.settings import deep_merge, did_you_mean, parse_dotted_overrides, quiet_logger
 
 MODES = ("cross-silo", "cross-device")
 WER_SOURCES = ("server", "client")
@@ -215,10 +215,12 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
         fail(f"clients_per_round must be >= 1 or null (all clients), got {config.clients_per_round}")
     if not isinstance(config.strategy, dict) or "name" not in config.strategy:
         fail("strategy must be a mapping with a name, e.g. {name: wer-softmax, temperature: 0.01}")
-    from fedasr.fl.strategies.factory import check_strategy_settings  # here: the strategies import Flower
+    from fedasr.fl.strategies.factory import build_strategy  # here: the strategies import Flower
 
-    try:
-        check_strategy_settings(*strategy_name_and_settings(config))
+    try:  # a trial build: every strategy setting's value is checked here, not after Ray has started
+        per_round = int(config.clients_per_round or 1)
+        with quiet_logger("flwr"):
+            build_strategy(*strategy_name_and_settings(config), num_clients=per_round, clients_per_round=per_round)
     except ValueError as err:
         fail(str(err))
     if int(config.min_clients) < 1 or int(config.max_failed_rounds) < 1:

@@ -250,18 +250,26 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
         # The seed competes for the best model: rounds that never beat its dev WER leave best_model.pt = the seed.
         _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])
         return arrays, 0, {"wer": row["dev_wer"], "round": 0}
-    if not run.resume:
-        raise CheckpointError(
-            f"{checkpoint_path(out)}: this output folder holds a run stopped after round {state.round}. "
-            "Pass --resume to continue it, or choose another --output-dir."
-        )
-    check_resumable(state, run.fingerprint(), checkpoint_path(out))
+    refuse_unless_resumable(run, state)
     load_strategy_state(strategy, state.strategy)
     annealer.load_state_dict(state.annealer)
     restore_rng_state(state.rng)
     history.truncate(state.round)
     log.info("resuming after round %d (best dev WER %.4f @ %d)", state.round, state.best_wer, state.best_round)
     return numpy_to_arrayrecord(state.arrays), state.round, {"wer": state.best_wer, "round": state.best_round}
+
+
+def refuse_unless_resumable(run: FederatedRun, state: ServerState | None) -> None:
+    """Raise CheckpointError when the output folder holds a run (``state``) that this one may not continue: without
+    --resume, or with settings that changed. Called before anything is written into the folder, so a refused run
+    leaves a finished one exactly as it was."""
+    if state is None:
+        return
+    path = checkpoint_path(run.output_dir)
+    if not run.resume:
+        raise CheckpointError(f"{path}: this output folder holds a run stopped after round {state.round}. "
+                              "Pass --resume to continue it, or choose another --output-dir.")
+    check_resumable(state, run.fingerprint(), path)
 
 
 def _one_round(grid, run, server_round, arrays, strategy, annealer, evaluator) -> tuple[ArrayRecord, dict]:

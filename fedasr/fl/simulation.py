@@ -12,8 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+from fedasr.fl.checkpoint import load_server_state
 from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
-from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app, load_system
+from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app, load_system, refuse_unless_resumable
 from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, read_json
 from fedasr.utils.preflight import check_writable, space_for_copies
@@ -133,6 +134,7 @@ def run_simulation_for(run: FederatedRun) -> dict:
     system = load_system(run)  # a seed that does not fit the model: CheckpointMismatchError, before any folder is made
     out = Path(run.output_dir)
     check_writable(out, space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what="--output-dir")  # before Ray
+    refuse_unless_resumable(run, load_server_state(out))  # before any file of a finished run is touched
     summary_path = out / SUMMARY_FILE
     if summary_path.exists():
         summary_path.unlink()  # a stale summary must not pass for this run's

@@ -3,8 +3,10 @@ and the one check of keys and value types (unknown key -> "did you mean", the fi
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
+import logging
 
 import yaml
 
@@ -125,3 +127,15 @@ def schema_from_signature(function, skip=()) -> Schema:
         types = tuple(simple.get(p, type(None) if p == "None" else object) for p in parts)
         schema[name] = None if object in types else (types if len(types) > 1 else types[0])
     return schema
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Only errors from logger ``name`` while the block runs (e.g. Flower's notices during a trial build)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

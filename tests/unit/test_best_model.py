@@ -1,5 +1,6 @@
-"""The model a user gets is the one chosen by dev WER, the seed included: best_model.pt, summary.json's
-best_round / best_test_wer and the test WER `fedasr compare` reports (fake system, in-process grid)."""
+"""What a run hands back and keeps: the model chosen by dev WER, the seed included (best_model.pt, summary.json's
+best_round / best_test_wer, the test WER `fedasr compare` reports), a finished run left untouched by a refused one,
+bad settings refused when they load (fake system, in-process grid)."""
 
 import json
 
@@ -49,3 +50,32 @@ def test_the_test_wer_reported_is_the_best_dev_rounds_even_when_it_was_not_teste
     (tmp_path / "fl_config.json").write_text(json.dumps({"config": make_run(tmp_path, 2).config.to_dict(),
                                                          "num_clients": 2}))
     assert load_federated_run(tmp_path).test_wer == 0.0  # compare reports the model chosen by dev WER
+
+
+def test_a_refused_run_leaves_a_finished_runs_files_untouched(tmp_path, fake_clients):
+    """Re-running into a finished run's folder without --resume (or with changed settings) is refused before
+    anything is written: summary, metrics, resolved config and models stay byte-identical."""
+    import pytest
+
+    from fedasr.fl.checkpoint import CheckpointError
+    from fedasr.fl.simulation import run_simulation_for
+
+    run_server(scripted_grid({1: 0.0}), make_run(tmp_path, rounds=1), FakeASR())
+    (tmp_path / "fl_config.json").write_text('{"config": "of the finished run"}')
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="Pass --resume"):
+        run_simulation_for(make_run(tmp_path, rounds=1))
+    changed = make_run(tmp_path, rounds=1)
+    changed.resume, changed.config.local_epochs = True, 3
+    with pytest.raises(CheckpointError, match="settings changed"):
+        run_simulation_for(changed)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_a_bad_strategy_value_is_refused_when_the_settings_load():
+    import pytest
+
+    from fedasr.fl.config import FLConfigError
+
+    with pytest.raises(FLConfigError, match="temperature must be > 0"):
+        config_from_dict({"strategy": {"name": "wer-softmax", "temperature": 0}})

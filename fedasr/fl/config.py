@@ -39,8 +39,8 @@ class Annealing:
 class ClientOptimizer:
     """The optimizer of each client's local training, built fresh (empty state) for every round."""
 
-    name: str = "sgd"  # sgd | adam
-    momentum: float = 0.0  # sgd only; 0 = plain SGD (the published client)
+    name: str = "adam"  # adam | sgd (hparams/fl/cross_silo.yaml says why adam)
+    momentum: float = 0.0  # sgd only; 0 = plain SGD (the published client, hparams/fl/paper.yaml)
 
 
 @dataclass

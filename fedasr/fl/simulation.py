@@ -143,7 +143,7 @@ def run_simulation_for(run: FederatedRun) -> dict:
         "dev_manifest": run.dev_manifest, "test_manifest": run.test_manifest, "num_clients": run.num_clients,
     })
     try:
-        with track_energy(out):  # energy.json (codecarbon, whole machine: the Ray workers too)
+        with track_energy(out, accumulate=run.resume):  # energy.json (codecarbon, whole machine: the Ray workers too)
             run_simulation(server_app=build_server_app(run, system), client_app=client_app, num_supernodes=run.num_clients,
                            backend_config=backend_config(run.config))
     except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log above has the cause

@@ -73,20 +73,22 @@ ENERGY_ENV = "FEDASR_ENERGY"  # "0" turns the measurement off (e.g. many short r
 
 
 @contextmanager
-def track_energy(folder: str | Path, *, country_iso_code: str = "FRA") -> Iterator[None]:
+def track_energy(folder: str | Path, *, country_iso_code: str = "FRA", accumulate: bool = False) -> Iterator[None]:
     """Measure the energy of the block with codecarbon's offline tracker and write ``folder/energy.json``.
 
     codecarbon reads RAPL (CPU, RAM) and NVML (GPU) counters where the machine exposes them and otherwise models
     the CPU from its TDP and load; the file records what it reported so ``fedasr compare`` can show measured kWh
     beside the profile estimate. Whole-machine mode: a federated simulation's Ray workers are counted too. Without
     codecarbon installed, or with FEDASR_ENERGY=0, the block runs unmeasured and no file is written.
+    ``accumulate``: a resumed run adds this part to the energy and seconds already recorded (``parts`` counts them),
+    so the record covers the whole run, not its last part.
     """
     tracker = _start_tracker(country_iso_code)
     try:
         yield
     finally:
         if tracker is not None:
-            _stop_and_write(tracker, Path(folder) / ENERGY_FILE)
+            _stop_and_write(tracker, Path(folder) / ENERGY_FILE, accumulate)
 
 
 def _start_tracker(country_iso_code: str):
@@ -103,19 +105,32 @@ def _start_tracker(country_iso_code: str):
     return tracker
 
 
-def _stop_and_write(tracker, path: Path) -> None:
+ADDITIVE_FIELDS = ("kwh", "cpu_kwh", "gpu_kwh", "ram_kwh", "seconds")
+
+
+def _stop_and_write(tracker, path: Path, accumulate: bool = False) -> None:
     from fedasr.utils.io import atomic_write_json
 
     tracker.stop()
     data = tracker.final_emissions_data
     if data is None:
         return
-    atomic_write_json(path, {
+    record = {
         "kwh": float(data.energy_consumed), "cpu_kwh": float(data.cpu_energy), "gpu_kwh": float(data.gpu_energy),
         "ram_kwh": float(data.ram_energy), "seconds": float(data.duration), "cpu_model": data.cpu_model,
         "gpu_model": data.gpu_model, "cpu_count": data.cpu_count, "gpu_count": data.gpu_count,
-        "tool": "codecarbon (offline, machine mode)",
-    })
+        "tool": "codecarbon (offline, machine mode)", "parts": 1,
+    }
+    atomic_write_json(path, add_earlier_parts(record, path) if accumulate else record)
+
+
+def add_earlier_parts(record: dict, path: Path) -> dict:
+    """``record`` plus the energy and seconds of the earlier parts of the run recorded in ``path`` (if any)."""
+    if not path.exists():
+        return record
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    summed = {key: record[key] + float(earlier.get(key, 0.0)) for key in ADDITIVE_FIELDS}
+    return {**record, **summed, "parts": int(earlier.get("parts", 1)) + 1}
 
 
 def measured_kwh(folder: str | Path) -> float | None:

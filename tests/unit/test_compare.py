@@ -181,3 +181,15 @@ def test_track_energy_writes_codecarbons_measurement(tmp_path, monkeypatch):
     with track_energy(tmp_path / "off"):
         pass
     assert not (tmp_path / "off").exists()
+
+
+def test_a_resumed_run_adds_its_energy_to_the_earlier_parts(tmp_path):
+    from fedasr.report.energy import add_earlier_parts
+
+    part = {"kwh": 0.0006, "cpu_kwh": 0.0005, "gpu_kwh": 0.0, "ram_kwh": 0.0001, "seconds": 77.0, "parts": 1}
+    path = tmp_path / ENERGY_FILE
+    assert add_earlier_parts(part, path) == part  # nothing recorded before: the part alone
+    path.write_text(json.dumps({"kwh": 0.0003, "cpu_kwh": 0.00025, "gpu_kwh": 0.0, "ram_kwh": 0.00005,
+                                "seconds": 38.0, "parts": 1}))
+    whole = add_earlier_parts(part, path)
+    assert whole["kwh"] == pytest.approx(0.0009) and whole["seconds"] == 115.0 and whole["parts"] == 2

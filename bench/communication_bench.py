@@ -16,7 +16,6 @@ tiny model (e.g. `fedasr train-central hparams/CommonVoice/synth.yaml ...`).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aggregation_bench import model_shapes  # noqa: E402  (one builder of model shapes for the benches)
 from fedasr.fl.arrays import decode_update, encode_update, numpy_to_arrayrecord  # noqa: E402
+from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows  # noqa: E402
 
 ENCODINGS = ("fp32", "fp16", "bf16")
 
@@ -64,7 +64,7 @@ def federate(encoding: str, partition: Path, seed: Path, out: Path, rounds: int,
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"federate with {encoding} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics_rows(out / METRICS_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:

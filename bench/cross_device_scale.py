@@ -205,7 +205,7 @@ def client_path_child(spec: dict) -> None:
     from fedasr.fl.arrays import state_to_arrayrecord
     from fedasr.fl.client_app import cached_system, train_on_partition
     from fedasr.fl.simulation import resolve_run
-    from fedasr.fl.strategies.replies import FIT_SECONDS
+    from fedasr.fl.protocol import FIT_SECONDS
 
     run = resolve_run(HPARAMS, partition=spec["partition"], seed_checkpoint=spec["seed"], output_dir=spec["out_dir"],
                       overrides={**RUN_OVERRIDES, "rounds": 1, "clients_per_round": 1}, test_manifest=None)
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.corpus and args.seed_checkpoint):
         parser.error("--corpus and --seed-checkpoint are required")
     from fedasr.data.partition import partition_manifest
+    from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
     from fedasr.utils.io import atomic_write_json
 
     workers = os.cpu_count() or 1
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                 started = time.perf_counter()
                 memory = run_measured(spec, {**base_env, **variant["env"]})
                 wall = time.perf_counter() - started
-                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+                rows = read_metrics_rows(out / METRICS_FILE)
                 split = split_round(rows[-1], workers)
                 reference = references[clips]["rss_mb"]
                 print(f"{name:>12} {clients:>7} {per_round:>9} {clips:>5} {split['round_s']:>8.1f} "

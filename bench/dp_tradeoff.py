@@ -37,7 +37,9 @@ def run_federate(partition: Path, seed: Path, out: Path, sets: list[str]) -> tup
            "FLWR_HOME": str(out.parent / "flwr_home")}
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
+
+    rows = read_metrics_rows(out / METRICS_FILE)
     return rows, json.loads((out / "summary.json").read_text()), time.perf_counter() - started
 
 

@@ -89,7 +89,9 @@ def main() -> None:
     started = time.time()
     run_federate(partition, Path(args.seed_checkpoint), out, "hparams/fl/cross_device.yaml", sets)
     wall = time.time() - started
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
+
+    rows = read_metrics_rows(out / METRICS_FILE)
 
     from fedasr.fl.faults import draw_faults, faults_from_dict
 

@@ -51,7 +51,9 @@ def run_federate(partition: Path, seed: Path, out: Path, hparams: str, sets: lis
         command += ["--set", item]
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "OMP_NUM_THREADS": "1"}
     subprocess.run(command, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
+
+    return read_metrics_rows(out / METRICS_FILE)[1:]
 
 
 def split_round(row: dict, workers: int) -> dict:

@@ -12,8 +12,11 @@ the dev WER is within 10 % of the central dev WER, and compute seconds per stage
     .venv/bin/python bench/fl_quality.py --seeds 1234 1235 1236 --out results/fl_quality
     .venv/bin/python bench/fl_quality.py --seeds 1234 1235 1236 --out results/fl_quality_paper \\
         --setting "default:" --setting "paper:cross_silo.hparams=hparams/fl/paper.yaml cross_device.hparams=hparams/fl/paper.yaml"
-    # a harder corpus: more speakers, accent-skewed silos (see `fedasr synth --help`)
-    .venv/bin/python bench/fl_quality.py --seeds 1 2 3 --set corpus.speakers=80 --set corpus.skew=accent
+    # a harder corpus: more speakers with noise, speed and reverberation (`fedasr synth --help`: corpus.* are its
+    # options), in accent-dominated silos of unequal sizes (`fedasr partition --help`: partition.skew,
+    # partition.silo_sizes, ...)
+    .venv/bin/python bench/fl_quality.py --seeds 1 2 3 --set corpus.speakers=120 --set corpus.acoustics=hard \\
+        --set partition.skew=accent --set partition.silo_sizes=skewed
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 One process runs the whole protocol as fedasr does in a run (fedasr.fl.secure.secure_weighted_average: Flower's
 SecAggPlusWorkflow on the server; secure_aggregation_mod -> secaggplus_mod -> weighted_update_reply on each
-client, through fedasr.fl.secure.InProcessGrid), on random updates shaped like a real model's floating-point state
-(``--model``, built from hparams/models/<model>.yaml) or a flat vector (``--params N``). Per setting it prints:
+client, through the tests' InProcessGrid, tests/unit/fl_fakes.py), on random updates shaped like a real model's
+floating-point state (``--model``, built from hparams/models/<model>.yaml) or a flat vector (``--params N``). Per setting it prints:
   - seconds of the whole protocol (all clients' work + the server's, one core: a real deployment runs the
     clients in parallel, so the client part divides by the number of machines) against the plain streamed
     weighted average of the same updates;
@@ -29,6 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO / "tests" / "unit"))  # fl_fakes.InProcessGrid: SecAgg+ clients in this process
 
 
 def updates_for(shapes, clients: int, seed: int) -> list[dict[str, np.ndarray]]:
@@ -43,7 +44,8 @@ def measure(shapes, clients: int, settings) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedasr.fl.arrays import numpy_to_arrayrecord, weighted_average
-    from fedasr.fl.secure import InProcessGrid, keep_update, secure_weighted_average
+    from fedasr.fl.secure import keep_update, secure_weighted_average
+    from fl_fakes import InProcessGrid
 
     for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):  # what a ServerApp's messages carry
         setattr(TaskIdentity, name, value)

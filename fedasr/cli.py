@@ -22,6 +22,20 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--utterances-per-speaker", type=int, default=None, help="clips per speaker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng/mp3 workers (default: all cores)")
+    acoustic = p.add_argument_group(
+        "acoustic variety", "per-speaker conditions drawn from the seed; a range given here replaces the preset's"
+    )
+    acoustic.add_argument(
+        "--acoustics", choices=["clean", "hard"], default="clean",
+        help="preset: clean (default: noise -60..-45 dBFS, no speed change, no reverberation) or hard (noise "
+        "-40..-25 dBFS, speed x0.85..1.15, room RT60 0.2..0.8 s)",
+    )
+    acoustic.add_argument("--noise-db-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                          help="white-noise level per speaker in dBFS, e.g. -40 -25 (speech RMS: about -19 dBFS)")
+    acoustic.add_argument("--speed-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                          help="speed-perturbation factor per speaker (tempo and pitch, by resampling), e.g. 0.9 1.1")
+    acoustic.add_argument("--reverb-rt60-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                          help="reverberation time of each speaker's room in seconds, e.g. 0.2 0.8 (0 0: none)")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.data.synth import synthesize_corpus
@@ -33,10 +47,18 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
             utterances_per_speaker=args.utterances_per_speaker,
             seed=args.seed,
             workers=args.workers,
+            acoustics=args.acoustics,
+            noise_db_range=args.noise_db_range,
+            speed_range=args.speed_range,
+            reverb_rt60_range=args.reverb_rt60_range,
         )
         splits = ", ".join(f"{name} {s['speakers']} speakers / {s['clips']} clips" for name, s in summary["splits"].items())
         state = "already there" if summary.get("skipped") else f"{summary['seconds']:.1f} s"
         print(f"synth: {args.out_dir}: {summary['clips']} clips, {summary['hours']:.2f} h ({splits}); {state}")
+        if "acoustics" in summary:
+            ranges = summary["acoustics"]
+            print("synth: acoustics per speaker: noise {} to {} dBFS, speed x{} to x{}, RT60 {} to {} s".format(
+                *ranges["noise_db_range"], *ranges["speed_range"], *ranges["reverb_rt60_range"]))
         return 0
 
     p.set_defaults(run=run)
@@ -96,6 +118,18 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-utterances", type=int, default=2, help="cross-device: fewest utterances a speaker-client needs")
     p.add_argument("--valid-fraction", type=float, default=0.1, help="share of each client's data kept for local validation")
     p.add_argument("--seed", type=int, default=0)
+    non_iid = p.add_argument_group("non-IID silos", "off by default (balanced silos, speakers mixed at random)")
+    non_iid.add_argument("--silo-sizes", choices=["equal", "skewed"], default="equal",
+                         help="cross-silo, iid: equal (default: balanced by hours) or skewed (Zipf shares in a "
+                         "seeded order; every silo keeps at least one speaker)")
+    non_iid.add_argument("--size-exponent", type=float, default=1.0,
+                         help="skewed sizes: shares proportional to rank^-EXPONENT (default 1: 1, 1/2, 1/3, ...)")
+    non_iid.add_argument("--skew", choices=["none", "accent", "gender"], default="none",
+                         help="cross-silo: silos each dominated by one accent or gender (the manifest's accents / "
+                         "gender column)")
+    non_iid.add_argument("--skew-share", type=float, default=0.8,
+                         help="share of each group's speakers placed in the silos it dominates (default 0.8; "
+                         "1: pure silos)")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.data.partition import partition_manifest
@@ -109,6 +143,10 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
             min_utterances=args.min_utterances,
             valid_fraction=args.valid_fraction,
             seed=args.seed,
+            silo_sizes=args.silo_sizes,
+            size_exponent=args.size_exponent,
+            skew=args.skew,
+            skew_share=args.skew_share,
         )
         print(result["summary_table"])
         return 0
@@ -122,18 +160,29 @@ def _add_train_central(sub: argparse._SubParsersAction) -> None:
         help="centralized / warm-up training from an experiment YAML; exports a seed checkpoint",
         description="Train on train_csv (warm-up: <partition>/warmup/train.csv), anneal on dev WER, keep the best "
         "checkpoint, test it and export <output_folder>/seed_checkpoint. Re-running resumes an interrupted run. "
-        "Overrides after HPARAMS: --key=value (SpeechBrain style) or a YAML mapping string.",
+        "After HPARAMS: SpeechBrain's run options as SpeechBrain recipes take them (--device=cuda:0 "
+        "--precision=bf16 --noprogressbar ...) and the hparams overrides: --key=value (SpeechBrain style) or a YAML "
+        "mapping string.",
     )
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="auto | cpu | cuda | cuda:N (default auto: a GPU when torch sees one); may also follow HPARAMS")
     p.add_argument("--progressbar", action="store_true", help="show SpeechBrain's progress bars")
     p.add_argument("hparams", help="experiment YAML, e.g. hparams/CommonVoice/fr.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="e.g. --manifest_folder=DIR --output_folder=DIR --number_of_epochs=3 --model=crdnn_tiny")
+                   help="run options, e.g. --device=cuda:0 --precision=bf16 --noprogressbar, and overrides, e.g. "
+                   "--manifest_folder=DIR --output_folder=DIR --number_of_epochs=3 --model=crdnn_tiny")
 
     def run(args: argparse.Namespace) -> int:
-        from fedasr.models.train import train_central
+        from fedasr.models.train import split_run_options, train_central
 
-        result = train_central(args.hparams, args.overrides, device=args.device, progressbar=args.progressbar)
+        run_opts, overrides = split_run_options(args.overrides)
+        device = run_opts.pop("device", None)
+        if device is not None and args.device is not None and device != args.device:
+            raise ValueError(f"two devices given: --device {args.device} before HPARAMS and --device={device} after "
+                             "it; give one")
+        progressbar = args.progressbar and not run_opts.pop("noprogressbar", False)
+        result = train_central(args.hparams, overrides, device=device or args.device or "auto",
+                               progressbar=progressbar, run_opts=run_opts)
         print(json.dumps(result, indent=2))
         return 0
 
@@ -147,13 +196,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decoding", choices=["beam", "greedy"], default="beam")
     p.add_argument("--out", default=None, help="folder for hyps.tsv, wer_report.json and wer_report.txt")
     p.add_argument("--max-utterances", type=int, default=None, help="decode only the first N utterances")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda | cuda:N (default auto: a GPU when torch sees one)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="decoding under autocast at this precision (default fp32; fp16 needs a GPU)")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.models.evaluate import evaluate_checkpoint
 
         report = evaluate_checkpoint(args.checkpoint, args.manifest, decoding=args.decoding, out_dir=args.out,
-                                     max_utterances=args.max_utterances, device=args.device)
+                                     max_utterances=args.max_utterances, device=args.device,
+                                     precision=args.precision)
         print(report["table"])
         return 0
 
@@ -172,7 +225,8 @@ def _add_federate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its last complete round")
     p.add_argument("--stop-after-round", type=int, default=0, help="stop cleanly after this round (resume later)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting of HPARAMS, e.g. --set rounds=3 --set strategy.temperature=0.05")
+                   help="override a setting of HPARAMS, e.g. --set rounds=3 --set strategy.temperature=0.05 "
+                   "--set device=cuda --set client_num_gpus=0.25 --set precision=bf16")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.fl.config import parse_overrides

@@ -36,7 +36,10 @@ from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_
 from fedasr.utils.preflight import check_writable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO_ROOT / "hparams" / "pipeline" / "demo.yaml"
+# The recipes' YAMLs: hparams/ of the checkout, or the copy an installed wheel carries as package data (setup.py).
+HPARAMS_ROOT = next((p for p in (REPO_ROOT / "hparams", Path(__file__).resolve().parent / "hparams") if p.is_dir()),
+                    REPO_ROOT / "hparams")
+DEFAULT_CONFIG = HPARAMS_ROOT / "pipeline" / "demo.yaml"
 STAGES = ("synth", "prepare", "partition", "warmup", "central", "cross-silo", "cross-device", "compare")
 FL_MODES = ("cross-silo", "cross-device")
 
@@ -87,11 +90,13 @@ _FL_SECTION = {"hparams": str, "set": (dict, type(None))}
 _PIPELINE_SCHEMA = {
     "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "corpus": dict, "prepare": dict,
     "partition": {"warmup_speakers": int, "cross_silo_clients": int, "cross_device_clients": (int, type(None)),
-                  "min_utterances": int, "valid_fraction": float, "seed": int},
+                  "min_utterances": int, "valid_fraction": float, "seed": int,
+                  "silo_sizes": str, "size_exponent": (int, float), "skew": str, "skew_share": (int, float)},
     "experiment": str, "warmup": dict, "central": dict, "cross_silo": dict, "cross_device": dict,
     "evaluation": {"decoding": str}, "compare": dict,
 }
 DECODINGS = ("beam", "greedy")
+SILO_LAYOUT_KEYS = ("silo_sizes", "size_exponent", "skew", "skew_share")  # partition keys of cross-silo only
 
 
 def check_pipeline_settings(config: dict, *, source: str, complete: bool = True) -> None:
@@ -100,6 +105,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
     ``corpus``, ``prepare`` and ``compare`` hold keyword options of the function their stage calls, so their
     valid keys are read from that function's signature (optional keys: the function has defaults)."""
     from fedasr.data.commonvoice import prepare_common_voice
+    from fedasr.data.partition import PartitionError, check_non_iid
     from fedasr.data.synth import synthesize_corpus
     from fedasr.report.compare import compare_runs
 
@@ -118,6 +124,12 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
                                 f"hparams/fl/{name}.yaml). {_FIX}")
     if "threads" in config and config["threads"] < 1:
         raise PipelineError(f"{source}: threads must be >= 1, got {config['threads']}. {_FIX}")
+    silo_layout = {key: (config.get("partition") or {}).get(key) for key in SILO_LAYOUT_KEYS}
+    if complete:  # values the partition stage would refuse hours in, after warm-up and central training
+        try:
+            check_non_iid("cross-silo", **silo_layout)
+        except PartitionError as exc:
+            raise PipelineError(f"{source}: partition.{exc} {_FIX}") from None
     decoding = (config.get("evaluation") or {}).get("decoding")
     if decoding is not None and decoding not in DECODINGS:
         raise PipelineError(f"{source}: evaluation.decoding must be one of {DECODINGS}, got {decoding!r}. {_FIX}")
@@ -162,9 +174,14 @@ def check_pipeline_references(config: dict, *, source: str) -> None:
 
 
 def repo_path(path: str) -> Path:
-    """A config path: as given when it exists from the current folder, else relative to the repository."""
+    """A config path: as given when it exists from the current folder, else one of the shipped YAMLs
+    (``hparams/...``: the checkout's, or the installed package's), else relative to the repository."""
     candidate = Path(path)
-    return candidate if candidate.is_absolute() or candidate.exists() else REPO_ROOT / candidate
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    if candidate.parts[:1] == ("hparams",) and (HPARAMS_ROOT.joinpath(*candidate.parts[1:])).exists():
+        return HPARAMS_ROOT.joinpath(*candidate.parts[1:])
+    return REPO_ROOT / candidate
 
 
 # ---- stage bookkeeping ---------------------------------------------------------------------------------------------
@@ -298,9 +315,10 @@ def do_partition(layout: Layout, echo) -> None:
     p = layout.config["partition"]
     for mode in FL_MODES:
         clients = p["cross_silo_clients"] if mode == "cross-silo" else p["cross_device_clients"]
+        silo_layout = {key: p[key] for key in SILO_LAYOUT_KEYS} if mode == "cross-silo" else {}  # device: 1 speaker
         result = partition_manifest(layout.manifests, layout.partition(mode), mode=mode, clients=clients,
                                     warmup_speakers=int(p["warmup_speakers"]), min_utterances=int(p["min_utterances"]),
-                                    valid_fraction=float(p["valid_fraction"]), seed=int(p["seed"]))
+                                    valid_fraction=float(p["valid_fraction"]), seed=int(p["seed"]), **silo_layout)
         echo(f"-- {mode}\n{result['summary_table']}")
 
 

@@ -63,10 +63,8 @@ def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def prepared_manifests(synth_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        from fedasr.data.commonvoice import prepare_common_voice
-    except ImportError as err:  # preparation is written in parallel; its absence must not break other tests
-        pytest.skip(f"fedasr.data.commonvoice.prepare_common_voice is not available yet ({err})")
+    from fedasr.data.commonvoice import prepare_common_voice
+
     out = tmp_path_factory.mktemp("manifests")
     prepare_common_voice(synth_corpus, out, lang=FIXTURE_CORPUS["lang"], workers=1)
     return out

@@ -12,11 +12,19 @@ Each skipped row gets the first reason that applies, checked in this order:
 ``malformed_row`` (wrong number of fields), ``undecodable_row`` (not UTF-8), ``empty_transcript`` (nothing
 left after normalisation), ``wrong_script`` (letters outside the language's script, e.g. Cyrillic in a French
 release), ``contains_digits``, ``too_few_words``, ``too_many_words``, ``missing_clip``, ``empty_clip`` (0 bytes),
-``unreadable_clip`` (not decodable audio), ``truncated_clip`` (an mp3 shorter than its own header says: a
-partial download; its header duration would be wrong and its audio would miss the end of the sentence),
+``unreadable_clip`` (not decodable audio), ``truncated_clip`` (an mp3 cut short: a partial download, seen either
+in its Xing/Info header's byte count or in a last frame that runs past the end of the file; its duration would be
+wrong and its audio would miss the end of the sentence), ``implausible_speech_rate`` (more transcript characters per
+second of audio than anyone speaks: a clip cut at a frame boundary, or a transcript that belongs to a longer clip),
 ``too_short``, ``too_long``, and last ``duplicate_clip`` (a row that passed everything but whose clip is already
 in this split's manifest). Every skipped row is named in ``out_dir/skipped.tsv`` (split, line, clip, reason) and
-counted in the report.
+counted in the report. Kept clips longer than ``warn_longer_than`` seconds (default 10 s, SpeechBrain's Common
+Voice recipes' ``avoid_if_longer_than``) are counted per split (``long_clips``) and warned about.
+
+The "up to date" check fingerprints the options, the TSVs, and the size and mtime of every clip the TSVs name, so
+a clip replaced or emptied in place is seen. The output folder may not be the Common Voice folder or lie inside
+it, and it may not hold manifests of another Common Voice folder that this run would leave in place (a
+``--splits`` run beside another corpus' dev.csv/test.csv): both are refused before anything is written.
 
 Clips that are not 48 kHz mono (Common Voice's format) are kept: training down-mixes and resamples them when it
 loads them (fedasr.models.dataio). The report counts the audio formats of the kept clips per split
@@ -46,7 +54,7 @@ from fedasr.utils.preflight import check_writable
 logger = logging.getLogger(__name__)
 
 STAGE = "prepare_commonvoice"
-FORMAT_VERSION = 2  # bump when the output of the same inputs and options changes
+FORMAT_VERSION = 3  # bump when the output of the same inputs and options changes
 REPORT_NAME = "prepare_report.json"
 SKIPPED_LOG_NAME = "skipped.tsv"
 REQUIRED_COLUMNS = ("client_id", "path", "sentence")
@@ -56,6 +64,15 @@ TSV_BYTES_PER_ROW = 150  # a rough size of a Common Voice TSV row, to estimate a
 MAX_LOGGED_MALFORMED = 20  # per TSV; all of them are in skipped.tsv anyway
 COMMON_VOICE_FORMAT = "48000 Hz, 1 ch"
 MP3_TRUNCATION_TOLERANCE = 0.99  # a complete mp3 is at least as long as its Xing/Info header's byte count
+MP3_TAIL_BYTES = 3072  # read from the end of an mp3 to check its last frames (2 frames of the largest size: 2 x 1441)
+# Characters of the normalised transcript (spaces not counted) per second of audio above which a row is dropped as
+# ``implausible_speech_rate``. Read speech runs at about 10-15 (fast speakers about 20; a clip's silences lower it);
+# the synthetic corpora (espeak-ng, 125-185 words/min, "hard" preset up to 1.15x faster) reach 21-24
+# (bench/RESULTS.md). A clip cut to 30 % of its bytes has about 3.3x its rate (11 -> 37), so 30 catches it and
+# leaves room for real fast speakers. Logographic scripts (fewer characters per second) are never caught: the
+# bound is then a no-op, not a false drop.
+DEFAULT_MAX_CHARS_PER_SECOND = 30.0
+DEFAULT_WARN_LONGER_THAN = 10.0  # seconds: SpeechBrain's CommonVoice recipes drop longer clips (avoid_if_longer_than)
 
 SKIP_REASONS = (
     "malformed_row",
@@ -69,6 +86,7 @@ SKIP_REASONS = (
     "empty_clip",
     "unreadable_clip",
     "truncated_clip",
+    "implausible_speech_rate",
     "too_short",
     "too_long",
     "duplicate_clip",
@@ -83,6 +101,10 @@ class CommonVoiceNotFoundError(FileNotFoundError):
     """The Common Voice folder, its clips/ folder or a split's TSV is missing."""
 
 
+class PrepareOutputError(ValueError):
+    """The output folder cannot take these manifests (inside the release, or holding another corpus' manifests)."""
+
+
 @dataclass(frozen=True)
 class RowFilters:
     """Options deciding which rows are kept (they travel to the worker processes)."""
@@ -92,6 +114,7 @@ class RowFilters:
     min_words: int = 1
     max_words: int | None = None
     keep_digits: bool = False
+    max_chars_per_second: float | None = DEFAULT_MAX_CHARS_PER_SECOND
 
 
 @dataclass(frozen=True)
@@ -109,8 +132,9 @@ class TsvLayout:
 
 # A row as sent to a worker: (line number, client_id, clip path, sentence, gender, age, accents).
 RawRow = tuple[int, str, str, str, str, str, str]
-# A worker's answer: (line number, clip name, skip reason or None, Utterance or None, audio format or "").
-RowResult = tuple[int, str, "str | None", "Utterance | None", str]
+# A worker's answer: (line number, clip name, skip reason or None, Utterance or None, audio format or "",
+# (size, mtime_ns) of the clip file, (-1, -1) when it is missing).
+RowResult = tuple[int, str, "str | None", "Utterance | None", str, tuple[int, int]]
 
 
 # ---------------------------------------------------------------- reading TSVs
@@ -221,19 +245,31 @@ def read_duration(path: str) -> tuple[float | None, str | None, str]:
 
 
 def mp3_is_truncated(path: str) -> bool:
-    """True when the file is shorter than the stream size in its Xing/Info header (written by LAME, ffmpeg...).
+    """True when the mp3 file was cut short (a partial download). Two checks, reading ~3 KB, no decoding:
 
-    The header is also where the duration comes from, so a partial download would otherwise pass with the full
-    clip's duration. Reads only the first frame; an mp3 without that header cannot be checked and passes.
+    - the stream size in a Xing/Info header (written by LAME, ffmpeg...) is larger than the file;
+    - the chain of MPEG frame headers in the file's last bytes runs past its end: the last frame is incomplete.
+      This is what catches Common Voice clips, which are constant-bitrate mp3 without a Xing/Info header: for them
+      libsndfile estimates the duration from the file size, so a partial file otherwise looks whole and short.
+
+    A file cut exactly at a frame boundary passes both (the speaking-rate bound of :func:`process_row` is the
+    safety net); a file whose frames cannot be followed (free-format bitrate, unknown trailer) passes.
     """
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         head = handle.read(10)
         start = 0
         if head[:3] == b"ID3" and len(head) == 10:  # skip an ID3v2 tag (its size is 4 x 7-bit "syncsafe" bytes)
             start = 10 + ((head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F))
         handle.seek(start)
         frame = handle.read(64)
-        size = os.fstat(handle.fileno()).st_size
+        tail_start = max(start, size - MP3_TAIL_BYTES)
+        handle.seek(tail_start)
+        tail = handle.read(size - tail_start)
+    return _xing_says_truncated(frame, size) or _last_frame_is_cut(tail)
+
+
+def _xing_says_truncated(frame: bytes, size: int) -> bool:
     tag = max(frame.find(b"Xing"), frame.find(b"Info"))
     if tag < 0 or len(frame) < tag + 8:
         return False
@@ -243,6 +279,69 @@ def mp3_is_truncated(path: str) -> bool:
         return False
     declared = int.from_bytes(frame[field: field + 4], "big")
     return size < declared * MP3_TRUNCATION_TOLERANCE
+
+
+# MPEG audio frame headers (ISO 11172-3 / 13818-3): bit rates in kbit/s by (MPEG-1?, layer), index 1..14.
+_BITRATES = {
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_SAMPLE_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+
+
+def _frame_at(data: bytes, pos: int) -> tuple[int, int] | None:
+    """(frame length in bytes, stream key) of a valid MPEG audio frame header at ``pos``, else None."""
+    b1, b2 = data[pos + 1], data[pos + 2]
+    if data[pos] != 0xFF or b1 & 0xE0 != 0xE0:
+        return None
+    version, layer_bits = (b1 >> 3) & 3, (b1 >> 1) & 3
+    bitrate_index, rate_index, padding = b2 >> 4, (b2 >> 2) & 3, (b2 >> 1) & 1
+    if version == 1 or layer_bits == 0 or bitrate_index in (0, 15) or rate_index == 3:
+        return None  # reserved values, or a free-format bit rate (length unknown)
+    layer = 4 - layer_bits
+    bitrate = _BITRATES[(version == 3, layer)][bitrate_index - 1] * 1000
+    rate = _SAMPLE_RATES[version][rate_index]
+    if layer == 1:
+        length = (12 * bitrate // rate + padding) * 4
+    elif layer == 3 and version != 3:  # MPEG-2 / 2.5 layer III: 576 samples per frame
+        length = 72 * bitrate // rate + padding
+    else:
+        length = 144 * bitrate // rate + padding
+    return length, b1 << 8 | (b2 & 0x0C)  # key: version, layer, protection, sample rate (constant in a stream)
+
+
+def _last_frame_is_cut(tail: bytes) -> bool:
+    """True when a chain of at least 2 MPEG frames in ``tail`` (the file's last bytes) runs past the end."""
+    end = len(tail)
+    if end >= 128 and tail[end - 128: end - 125] == b"TAG":  # ID3v1 tag
+        end -= 128
+    if end >= 32 and tail[end - 32: end - 24] == b"APETAGEX":  # APEv2 footer: tag size + optional header
+        flags = int.from_bytes(tail[end - 12: end - 8], "little")
+        end -= int.from_bytes(tail[end - 20: end - 16], "little") + (32 if flags & 0x80000000 else 0)
+    pos = tail.find(b"\xff", 0, max(end - 3, 0))
+    while pos >= 0:
+        first = _frame_at(tail, pos)
+        if first is not None:
+            length, key = first
+            frames, nxt = 1, pos + length
+            while nxt < end - 3:  # a whole header fits before the end: follow the chain
+                frame = _frame_at(tail, nxt)
+                if frame is None or frame[1] != key:
+                    break
+                frames, nxt = frames + 1, nxt + frame[0]
+            else:
+                if frames >= 2:  # a real chain (a stray 0xFF in the audio data rarely starts two)
+                    if nxt == end:
+                        return False
+                    return nxt > end or tail[nxt] == 0xFF  # past the end, or a header cut after 1-3 bytes
+            if frames >= 2:  # the chain stopped before the end (an unknown trailer): look past it, not inside it
+                pos = nxt - 1
+        pos = tail.find(b"\xff", pos + 1, max(end - 3, 0))
+    return False
 
 
 def _unreadable_reason(path: str) -> str:
@@ -279,19 +378,38 @@ def duration_skip_reason(duration: float, filters: RowFilters) -> str | None:
     return None
 
 
+def speech_rate_skip_reason(words: str, duration: float, filters: RowFilters) -> str | None:
+    """``implausible_speech_rate`` when the transcript has more characters (spaces not counted) per second of audio
+    than ``filters.max_chars_per_second``: the audio is too short for its sentence."""
+    limit = filters.max_chars_per_second
+    if limit is not None and len(words) - words.count(" ") > limit * duration:
+        return "implausible_speech_rate"
+    return None
+
+
+def clip_stat(path: str) -> tuple[int, int]:
+    """(size, mtime_ns) of a clip file, (-1, -1) when it cannot be found: what the "up to date" check compares."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
+
+
 def process_row(row: RawRow, clips_dir: str, normalizer: Normalizer, filters: RowFilters) -> RowResult:
     """Normalise, read the audio header and filter one row."""
     line_no, client_id, clip, sentence, gender, age, accents = row
+    path = resolve_clip(clips_dir, clip)
+    stat = clip_stat(path)  # every row's clip, kept or not, is part of the inputs' fingerprint
     words = normalizer(sentence)
     reason = text_skip_reason(words, filters, normalizer)
     if reason:
-        return line_no, clip, reason, None, ""
-    path = resolve_clip(clips_dir, clip)
+        return line_no, clip, reason, None, "", stat
     duration, reason, audio_format = read_duration(path)
     if reason is None:
-        reason = duration_skip_reason(duration, filters)
+        reason = speech_rate_skip_reason(words, duration, filters) or duration_skip_reason(duration, filters)
     if reason:
-        return line_no, clip, reason, None, ""
+        return line_no, clip, reason, None, "", stat
     utt = Utterance(
         ID=os.path.splitext(os.path.basename(path))[0],
         duration=duration,
@@ -302,7 +420,7 @@ def process_row(row: RawRow, clips_dir: str, normalizer: Normalizer, filters: Ro
         age=age,
         accents=accents,
     )
-    return line_no, clip, None, utt, audio_format
+    return line_no, clip, None, utt, audio_format, stat
 
 
 def process_chunk(chunk: list[RawRow], clips_dir: str, normalizer: Normalizer, filters: RowFilters) -> list[RowResult]:
@@ -338,6 +456,8 @@ class SplitStats:
     skipped: Counter = field(default_factory=Counter)
     speakers: set[str] = field(default_factory=set)
     audio_formats: Counter = field(default_factory=Counter)  # of the kept clips
+    long_clips: int = 0  # kept clips longer than warn_longer_than
+    clips: "ClipDigest" = field(default_factory=lambda: ClipDigest())
 
     def as_report(self) -> dict:
         return {
@@ -347,11 +467,28 @@ class SplitStats:
             "speakers_kept": len(self.speakers),
             "skipped": {reason: self.skipped[reason] for reason in SKIP_REASONS if self.skipped[reason]},
             "skipped_total": sum(self.skipped.values()),
+            "long_clips": self.long_clips,
             "audio_formats": dict(self.audio_formats.most_common()),
         }
 
 
-def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped_log) -> SplitStats:
+class ClipDigest:
+    """A digest of (clip, size, mtime) over the well-formed rows of one TSV, in order."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def add(self, clip: str, stat: tuple[int, int]) -> None:
+        self._hash.update(f"{clip}\t{stat[0]}\t{stat[1]}\n".encode("utf-8", "surrogateescape"))
+        self.count += 1
+
+    def result(self) -> dict:
+        return {"clips": self.count, "sha256": self._hash.hexdigest()[:32]}
+
+
+def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped_log,
+                  warn_longer_than: float | None = None) -> SplitStats:
     """Stream one TSV through ``results_of`` (row chunks -> result chunks) into ``out_dir/<split>.csv``."""
     stats = SplitStats()
     # Filled by the TSV reader, which may run in the pool's feeder thread: a deque is thread-safe.
@@ -371,8 +508,9 @@ def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped
     def kept_utterances() -> Iterator[Utterance]:
         for chunk in results_of(_chunks(iter_tsv_rows(tsv_path, parse_skips), CHUNK_ROWS)):
             flush_parse_skips()
-            for line_no, clip, reason, utt, audio_format in chunk:
+            for line_no, clip, reason, utt, audio_format, clip_file in chunk:
                 stats.rows_read += 1
+                stats.clips.add(clip, clip_file)
                 if reason is None and utt.ID in seen_ids:
                     reason = "duplicate_clip"
                 if reason:
@@ -383,6 +521,8 @@ def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped
                 stats.seconds_kept += utt.duration
                 stats.speakers.add(utt.spk_id)
                 stats.audio_formats[audio_format] += 1
+                if warn_longer_than is not None and utt.duration > warn_longer_than:
+                    stats.long_clips += 1
                 yield utt
         flush_parse_skips()
 
@@ -429,8 +569,9 @@ def _check_inputs(cv_dir: Path, splits: tuple[str, ...]) -> dict[str, Path]:
     return tsvs
 
 
-def input_fingerprint(cv_dir: Path, tsvs: dict[str, Path], settings: dict) -> dict:
-    """What decides the output: the options, the TSVs' sizes and mtimes, the clips folder's mtime."""
+def input_fingerprint(cv_dir: Path, tsvs: dict[str, Path], settings: dict, clips: dict | None = None) -> dict:
+    """What decides the output: the options, the TSVs' sizes and mtimes, the clips folder's mtime, and ``clips``:
+    per split, a digest of the size and mtime of every clip its TSV names (:func:`clips_fingerprint`)."""
     files = {}
     for split, path in tsvs.items():
         stat = path.stat()
@@ -441,9 +582,38 @@ def input_fingerprint(cv_dir: Path, tsvs: dict[str, Path], settings: dict) -> di
         "clips_mtime_ns": (cv_dir / "clips").stat().st_mtime_ns,
         "tsvs": files,
         "settings": settings,
+        "clips": clips,
     }
     digest = hashlib.sha256(repr(sorted(fingerprint.items())).encode()).hexdigest()[:16]
     return {**fingerprint, "digest": digest}
+
+
+def clips_fingerprint(tsvs: dict[str, Path], clips_dir: str) -> dict:
+    """Per split, the digest of (clip, size, mtime) over the TSV's well-formed rows: the same digest preparation
+    computes from the workers' answers (a stat per clip, no audio read)."""
+    result = {}
+    for split, tsv in tsvs.items():
+        digest = ClipDigest()
+        for row in iter_tsv_rows(tsv, deque()):
+            digest.add(row[2], clip_stat(resolve_clip(clips_dir, row[2])))
+        result[split] = digest.result()
+    return result
+
+
+def _up_to_date(out_dir: Path, fingerprint: dict, tsvs: dict[str, Path], clips_dir: str, splits) -> bool:
+    """The outputs exist and were made from these inputs and options, the clips' sizes and mtimes included."""
+    marker = done_marker(out_dir, STAGE)
+    if not marker.exists() or not _outputs_exist(out_dir, splits):
+        return False
+    try:
+        done = read_json(marker)
+    except (OSError, ValueError):
+        return False
+    same_except_clips = all(done.get(k) == v for k, v in fingerprint.items() if k not in ("clips", "digest"))
+    if not same_except_clips:  # no need to stat every clip
+        return False
+    return done == input_fingerprint(Path(fingerprint["cv_dir"]), tsvs, fingerprint["settings"],
+                                     clips_fingerprint(tsvs, clips_dir))
 
 
 def _outputs_exist(out_dir: Path, splits: Iterable[str]) -> bool:
@@ -473,31 +643,43 @@ def prepare_common_voice(
     generic_normalizer: bool = False,
     splits: tuple[str, ...] = ("train", "dev", "test"),
     force: bool = False,
+    max_chars_per_second: float | None = DEFAULT_MAX_CHARS_PER_SECOND,
+    warn_longer_than: float | None = DEFAULT_WARN_LONGER_THAN,
 ) -> dict:
     """Prepare the manifests of one Common Voice locale; returns the report (also in out_dir/prepare_report.json).
 
-    A second call with the same inputs and options does no work and returns the stored report with
-    ``"status": "up_to_date"``; ``force=True`` redoes it.
+    A second call with the same inputs and options (the clips' sizes and mtimes included) does no work and returns
+    the stored report with ``"status": "up_to_date"``; ``force=True`` redoes it. ``max_chars_per_second``: rows
+    whose transcript is too long for their audio are skipped (``implausible_speech_rate``; None: no bound).
+    ``warn_longer_than``: kept clips longer than this many seconds are counted (``long_clips``) and warned about
+    (None: no warning; ``max_duration`` drops clips instead).
     """
     started = time.perf_counter()
     cv_dir, out_dir = Path(cv_dir).resolve(), Path(out_dir).resolve()
     splits = tuple(splits)
+    _check_output_folder(cv_dir, out_dir)
     normalizer = get_normalizer(lang, strip_accents=strip_accents, generic=generic_normalizer)
-    filters = RowFilters(min_duration, max_duration, min_words, max_words, keep_digits)
+    if max_chars_per_second is not None and max_chars_per_second <= 0:
+        raise ValueError(f"max_chars_per_second must be > 0 or None (no bound), got {max_chars_per_second}")
+    filters = RowFilters(min_duration, max_duration, min_words, max_words, keep_digits, max_chars_per_second)
     tsvs = _check_inputs(cv_dir, splits)
-    settings = {"normalizer": normalizer.settings(), "filters": asdict(filters), "splits": list(splits)}
+    settings = {"normalizer": normalizer.settings(), "filters": asdict(filters), "splits": list(splits),
+                "warn_longer_than": warn_longer_than}
     fingerprint = input_fingerprint(cv_dir, tsvs, settings)
+    clips_dir = str(cv_dir / "clips")
 
-    if not force and is_done(out_dir, STAGE, fingerprint) and _outputs_exist(out_dir, splits):
-        logger.info("%s: manifests up to date (same inputs and options); nothing to do", out_dir)
+    if not force and _up_to_date(out_dir, fingerprint, tsvs, clips_dir, splits):
+        logger.info("%s: manifests up to date (same inputs, clips and options); nothing to do", out_dir)
         return {**read_json(out_dir / REPORT_NAME), "status": "up_to_date"}
+    _refuse_other_corpus_left_behind(cv_dir, out_dir, splits)
 
     check_writable(out_dir, 4 * sum(p.stat().st_size for p in tsvs.values()), what="manifest folder")  # before any work
     done_marker(out_dir, STAGE).unlink(missing_ok=True)  # outputs are about to change
     n_workers = workers if workers is not None else _default_workers(tsvs)
     if n_workers < 1:
         raise ValueError(f"workers must be >= 1 (got {workers})")
-    stats = _run_splits(tsvs, out_dir, str(cv_dir / "clips"), normalizer, filters, n_workers)
+    stats = _run_splits(tsvs, out_dir, clips_dir, normalizer, filters, n_workers, warn_longer_than)
+    fingerprint = input_fingerprint(cv_dir, tsvs, settings, {split: s.clips.result() for split, s in stats.items()})
 
     seconds = time.perf_counter() - started
     rows_read = sum(s.rows_read for s in stats.values())
@@ -512,6 +694,8 @@ def prepare_common_voice(
         "speakers_in_several_splits": _speakers_in_several_splits(stats),
         "skipped_total": sum(sum(s.skipped.values()) for s in stats.values()),
         "skipped_log": str(out_dir / SKIPPED_LOG_NAME),
+        "warn_longer_than": warn_longer_than,
+        "long_clips": sum(s.long_clips for s in stats.values()),
         "input_fingerprint": fingerprint,
         "workers": n_workers,
         "seconds": round(seconds, 3),
@@ -529,6 +713,13 @@ def prepare_common_voice(
             "clips that are not %s (kept; training down-mixes and resamples them): %s",
             COMMON_VOICE_FORMAT, {split: f for split, f in other_formats.items() if f},
         )
+    if report["long_clips"]:
+        logger.warning(
+            "%d kept clip(s) are longer than %g s (%s): SpeechBrain's Common Voice recipes drop them "
+            "(avoid_if_longer_than) and they dominate a batch's memory. Pass --max-duration %g to drop them.",
+            report["long_clips"], warn_longer_than,
+            ", ".join(f"{split} {s.long_clips}" for split, s in stats.items() if s.long_clips), warn_longer_than,
+        )
     if report["skipped_total"]:
         logger.info("%d row(s) skipped; see %s", report["skipped_total"], report["skipped_log"])
     atomic_write_json(out_dir / REPORT_NAME, report)
@@ -536,8 +727,44 @@ def prepare_common_voice(
     return report
 
 
+def _check_output_folder(cv_dir: Path, out_dir: Path) -> None:
+    """The manifests may not be written into the Common Voice release itself (both paths resolved)."""
+    if out_dir == cv_dir or cv_dir in out_dir.parents:
+        where = "is" if out_dir == cv_dir else "lies inside"
+        raise PrepareOutputError(
+            f"output folder {out_dir} {where} the Common Voice folder {cv_dir}: the manifests, {REPORT_NAME} and "
+            f"{SKIPPED_LOG_NAME} would be written into the release. Choose a folder outside it, e.g. "
+            f"{cv_dir.parent / (cv_dir.name + '_manifests')}."
+        )
+
+
+def _refuse_other_corpus_left_behind(cv_dir: Path, out_dir: Path, splits: tuple[str, ...]) -> None:
+    """Refuse a run that would leave manifests of another Common Voice folder beside its own (e.g. ``--splits
+    train`` into a folder holding another corpus' dev.csv and test.csv, which ``federate`` would then read)."""
+    report_path = out_dir / REPORT_NAME
+    if not report_path.exists():
+        return
+    try:
+        earlier = read_json(report_path)
+        earlier_cv, earlier_splits = str(Path(earlier["cv_dir"])), list(earlier["splits"])
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: the manifests beside it are of unknown origin
+        earlier_cv, earlier_splits = "an unknown Common Voice folder (unreadable report)", ["train", "dev", "test"]
+    if earlier_cv == str(cv_dir):
+        return
+    left = [manifest_path(out_dir, s).name for s in earlier_splits
+            if s not in splits and manifest_path(out_dir, s).exists()]
+    if left:
+        raise PrepareOutputError(
+            f"{out_dir} holds {', '.join(left)} prepared from another Common Voice folder, {earlier_cv} (see "
+            f"{report_path}); preparing {cv_dir} with splits {list(splits)} there would leave them beside this "
+            "corpus' manifests, and `fedasr federate` reads dev.csv next to the partition's source. Choose another "
+            f"output folder, prepare all of {left} from {cv_dir} (--splits), or delete {', '.join(left)} first."
+        )
+
+
 def _run_splits(
-    tsvs: dict[str, Path], out_dir: Path, clips_dir: str, normalizer: Normalizer, filters: RowFilters, workers: int
+    tsvs: dict[str, Path], out_dir: Path, clips_dir: str, normalizer: Normalizer, filters: RowFilters, workers: int,
+    warn_longer_than: float | None = None,
 ) -> dict[str, SplitStats]:
     """Prepare every split, in one process (workers=1) or with a pool of ``workers`` processes."""
     stats: dict[str, SplitStats] = {}
@@ -549,7 +776,7 @@ def _run_splits(
                 return (process_chunk(chunk, clips_dir, normalizer, filters) for chunk in chunks)
 
             for split, tsv in tsvs.items():
-                stats[split] = prepare_split(split, tsv, out_dir, results_of, skipped_log)
+                stats[split] = prepare_split(split, tsv, out_dir, results_of, skipped_log, warn_longer_than)
         else:
             context = multiprocessing.get_context("spawn")  # no fork of a possibly threaded parent (torch)
             with context.Pool(workers, initializer=_init_worker, initargs=(clips_dir, normalizer, filters)) as pool:
@@ -558,7 +785,7 @@ def _run_splits(
                     return pool.imap(_process_chunk_in_worker, chunks)
 
                 for split, tsv in tsvs.items():
-                    stats[split] = prepare_split(split, tsv, out_dir, results_of, skipped_log)
+                    stats[split] = prepare_split(split, tsv, out_dir, results_of, skipped_log, warn_longer_than)
     return stats
 
 
@@ -577,6 +804,9 @@ def report_table(report: dict) -> str:
         )
     if report.get("speakers_in_several_splits"):
         lines.append(f"warning: {report['speakers_in_several_splits']} speaker(s) appear in more than one split")
+    if report.get("long_clips"):
+        lines.append(f"warning: {report['long_clips']} kept clip(s) longer than {report['warn_longer_than']:g} s "
+                     f"(--max-duration {report['warn_longer_than']:g} drops them)")
     if report.get("skipped_total"):
         lines.append(f"skipped rows are listed in {report['skipped_log']}")
     return "\n".join(lines)

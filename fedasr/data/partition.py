@@ -8,6 +8,22 @@ Three modes (the reference paper's settings plus a control):
   number (a seeded choice of speakers). Speakers below the minimum or over the cap are excluded and counted.
 - ``iid``: the same non-warm-up utterances shuffled into K clients of equal size (speakers are shared).
 
+Non-IID cross-silo options (off by default; the default partition is the same as in earlier versions):
+
+- ``silo_sizes="skewed"`` (cross-silo, iid): unequal clients. Client k's target share of the hours (iid: of the
+  utterances) is proportional to ``rank ** -size_exponent`` (Zipf: 1, 1/2, 1/3, ... for exponent 1), the ranks
+  dealt to the clients in a seeded order; speakers go longest first into the silo furthest below its target.
+  Every silo keeps at least one speaker.
+- ``skew="accent"`` or ``"gender"`` (cross-silo): silos dominated by one group of speakers, a speaker's group being
+  the value of the manifest's ``accents`` / ``gender`` column on most of its rows (empty: ``(none)``). Each group
+  gets home silos (the largest group the largest silo, then one silo per group while silos last, the rest to
+  the groups whose share of the hours is least covered); ``skew_share`` of a group's speakers (a seeded choice)
+  go to its home silos, the others to silos that are not its home. With ``skew_share=1`` and at least as many
+  silos as groups every silo holds one group only. Silo sizes then follow the groups' sizes.
+
+The partition's ``stats`` and summary table show the sizes (share of the hours per silo) and, with a skew, each
+silo's dominant group and its share of the silo's hours.
+
 The warm-up speakers depend on the seed only, so every mode of one seed shares the same warm-up set; they never
 appear in a client. A partition that would leave no client with data is an error (nothing is written). Every
 client keeps ``round(valid_fraction * n)`` of its own utterances (at least 1, and at
@@ -45,12 +61,19 @@ log = logging.getLogger(__name__)
 
 MODES = ("cross-silo", "cross-device", "iid")
 DEFAULT_SILOS = 10
+SILO_SIZES = ("equal", "skewed")
+SKEWS = ("none", "accent", "gender")
+SKEW_COLUMNS = {"accent": "accents", "gender": "gender"}  # option value -> manifest column
+DEFAULT_SIZE_EXPONENT = 1.0
+DEFAULT_SKEW_SHARE = 0.8
+NO_GROUP = "(none)"  # the group of speakers whose column is empty
+TABLE_MAX_CLIENTS = 30  # per-client lines of the summary table
 PARTITION_VERSION = 1
 PARTITION_FILE = "partition.json"
 STAGE = "partition"
 
 # Seed streams: one per random choice, so changing the mode never changes the warm-up set.
-_WARMUP_STREAM, _ORDER_STREAM, _VALID_STREAM = 0, 1, 2
+_WARMUP_STREAM, _ORDER_STREAM, _VALID_STREAM, _SIZES_STREAM, _SKEW_STREAM = 0, 1, 2, 3, 4
 
 
 class PartitionError(ValueError):
@@ -74,6 +97,25 @@ class PartitionPlan:
     warmup_rows: list[int]
     clients: list[ClientPlan]
     excluded: dict[str, int] = field(default_factory=dict)
+    speaker_groups: dict[str, str] | None = None  # speaker -> group label, when the silos were skewed by a group
+
+
+@dataclass(frozen=True)
+class NonIID:
+    """The non-IID options of a partition (defaults: today's balanced, unskewed partition)."""
+
+    silo_sizes: str = "equal"
+    size_exponent: float = DEFAULT_SIZE_EXPONENT
+    skew: str = "none"
+    skew_share: float = DEFAULT_SKEW_SHARE
+
+    @property
+    def is_default(self) -> bool:
+        return self.silo_sizes == "equal" and self.skew == "none"
+
+    def as_dict(self) -> dict:
+        return {"silo_sizes": self.silo_sizes, "size_exponent": self.size_exponent, "skew": self.skew,
+                "skew_share": self.skew_share}
 
 
 # ---------------------------------------------------------------------------------------------- planning (pure)
@@ -123,6 +165,110 @@ def balance_silos(hours: dict[str, float], silos: int, seed: int) -> list[list[s
     return members
 
 
+def size_shares(clients: int, exponent: float, seed: int) -> list[float]:
+    """Target shares of ``clients`` unequal clients: ``rank ** -exponent`` normalised, ranks dealt in a seeded order."""
+    weights = np.arange(1, clients + 1, dtype=np.float64) ** -float(exponent)
+    weights = weights[_rng(seed, _SIZES_STREAM).permutation(clients)]
+    return [float(w) for w in weights / weights.sum()]
+
+
+def speaker_group_labels(utterances: list[Utterance], by_speaker: dict[str, list[int]], column: str) -> dict[str, str]:
+    """Each speaker's group: the most frequent value of ``column`` over its rows (ties: the first in sorted order)."""
+    labels = {}
+    for spk, rows in by_speaker.items():
+        counts = Counter(getattr(utterances[r], column).strip() or NO_GROUP for r in rows)
+        labels[spk] = min(counts, key=lambda label: (-counts[label], label))
+    return labels
+
+
+def _home_silos(
+    group_hours: dict[str, float], home_counts: dict[str, int], targets: list[float]
+) -> list[str | None]:
+    """The group each silo is home to (None: no group, it takes other groups' away speakers only).
+
+    Largest silo to the largest group, then one silo per group while silos last; every further silo goes to the
+    group whose share of the hours is least covered by its silos' targets. A group never gets more home silos than
+    it has home speakers."""
+    total = sum(group_hours.values()) or 1.0
+    groups = sorted((g for g in group_hours if home_counts[g] > 0), key=lambda g: (-group_hours[g], g))
+    silos = sorted(range(len(targets)), key=lambda k: (-targets[k], k))
+    home: list[str | None] = [None] * len(targets)
+    covered = {g: 0.0 for g in groups}
+    owned = Counter()
+    for k, g in zip(silos, groups):
+        home[k], covered[g], owned[g] = g, targets[k], 1
+    for k in silos[len(groups):]:
+        open_groups = [g for g in groups if owned[g] < home_counts[g]]
+        if not open_groups:
+            break
+        g = max(open_groups, key=lambda g: (group_hours[g] / total - covered[g], -groups.index(g)))
+        home[k] = g
+        covered[g] += targets[k]
+        owned[g] += 1
+    return home
+
+
+def assign_silos(
+    hours: dict[str, float],
+    silos: int,
+    seed: int,
+    *,
+    targets: list[float] | None = None,
+    groups: dict[str, str] | None = None,
+    skew_share: float = DEFAULT_SKEW_SHARE,
+) -> list[list[str]]:
+    """Speakers into ``silos`` silos of target shares ``targets`` (default: equal), skewed by ``groups``.
+
+    Speakers, longest first (ties keep the seeded order), go into the eligible silo furthest below its target
+    (lowest ``hours / target``; ties: lowest index). Without ``groups`` every silo is eligible; with them a speaker
+    is a home speaker of its group (``skew_share`` of each group, a seeded choice) and goes to one of its group's
+    home silos, or an away speaker and goes to a silo that is not its group's home. A silo left empty at the end
+    takes a speaker from the silo with the most speakers (preferably one of its home group).
+    """
+    if silos > len(hours):
+        raise PartitionError(
+            f"clients={silos} silos but only {len(hours)} speakers are left after the warm-up set; "
+            "use fewer silos or fewer warm-up speakers"
+        )
+    targets = targets or [1.0 / silos] * silos
+    names = sorted(hours)
+    seeded = [names[i] for i in _rng(seed, _ORDER_STREAM).permutation(len(names))]
+    longest_first = sorted(seeded, key=lambda spk: -hours[spk])
+    eligible_of: dict[str, list[int]] = {}
+    home: list[str | None] = [None] * silos
+    if groups is not None:
+        members = {g: sorted(spk for spk in names if groups[spk] == g) for g in sorted(set(groups[s] for s in names))}
+        away: set[str] = set()
+        home_counts = {}
+        for index, (g, speakers) in enumerate(members.items()):
+            n_away = int(np.floor((1.0 - skew_share) * len(speakers) + 0.5))
+            order = _rng(seed, _SKEW_STREAM, index).permutation(len(speakers))
+            away.update(speakers[i] for i in order[:n_away])
+            home_counts[g] = len(speakers) - n_away
+        home = _home_silos({g: sum(hours[s] for s in m) for g, m in members.items()}, home_counts, targets)
+        for spk in names:
+            g = groups[spk]
+            mine = [k for k in range(silos) if home[k] == g]
+            others = [k for k in range(silos) if home[k] != g]
+            eligible_of[spk] = (others if spk in away else mine) or others or list(range(silos))
+    every = list(range(silos))
+    load = [0.0] * silos
+    members_of: list[list[str]] = [[] for _ in range(silos)]
+    for spk in longest_first:
+        silo = min(eligible_of.get(spk, every), key=lambda k: (load[k] / targets[k], k))
+        members_of[silo].append(spk)
+        load[silo] += hours[spk]
+    for silo in range(silos):
+        if not members_of[silo]:
+            donors = [k for k in range(silos) if len(members_of[k]) > 1]
+            donor = max(donors, key=lambda k: (len(members_of[k]), -k))
+            pool = [s for s in members_of[donor] if groups is not None and groups[s] == home[silo]]
+            moved = (pool or members_of[donor])[-1]  # the last placed: the shortest
+            members_of[donor].remove(moved)
+            members_of[silo].append(moved)
+    return members_of
+
+
 def split_valid(rows: list[int], valid_fraction: float, seed: int, client_index: int) -> tuple[list[int], list[int]]:
     """(train, valid) rows of one client: a seeded ``round(valid_fraction * n)``, at least 1 each side."""
     n_valid = min(max(1, round(valid_fraction * len(rows))), len(rows) - 1)
@@ -140,20 +286,33 @@ def _client_groups(
     min_utterances: int,
     seed: int,
     excluded: Counter,
+    non_iid: NonIID = NonIID(),
+    speaker_groups: dict[str, str] | None = None,
 ) -> list[tuple[list[str], list[int]]]:
     """(speakers, rows) of each client before the validation split."""
     if mode == "cross-silo":
-        return _silo_groups(by_speaker, durations, clients or DEFAULT_SILOS, seed)
+        return _silo_groups(by_speaker, durations, clients or DEFAULT_SILOS, seed, non_iid, speaker_groups)
     if mode == "cross-device":
         return _speaker_groups(by_speaker, clients, min_utterances, seed, excluded)
-    return _iid_groups(by_speaker, clients or DEFAULT_SILOS, seed)
+    return _iid_groups(by_speaker, clients or DEFAULT_SILOS, seed, non_iid)
 
 
 def _silo_groups(
-    by_speaker: dict[str, list[int]], durations: np.ndarray, silos: int, seed: int
+    by_speaker: dict[str, list[int]],
+    durations: np.ndarray,
+    silos: int,
+    seed: int,
+    non_iid: NonIID = NonIID(),
+    speaker_groups: dict[str, str] | None = None,
 ) -> list[tuple[list[str], list[int]]]:
     hours = {spk: float(durations[rows].sum()) / 3600 for spk, rows in by_speaker.items()}
-    members_of_silos = balance_silos(hours, silos, seed)
+    if non_iid.is_default:
+        members_of_silos = balance_silos(hours, silos, seed)  # the partition of earlier versions, exactly
+    else:
+        targets = size_shares(silos, non_iid.size_exponent, seed) if non_iid.silo_sizes == "skewed" else None
+        members_of_silos = assign_silos(
+            hours, silos, seed, targets=targets, groups=speaker_groups, skew_share=non_iid.skew_share
+        )
     return [(sorted(members), sorted(r for spk in members for r in by_speaker[spk])) for members in members_of_silos]
 
 
@@ -170,7 +329,9 @@ def _speaker_groups(
     return [([spk], list(by_speaker[spk])) for spk in eligible]
 
 
-def _iid_groups(by_speaker: dict[str, list[int]], k: int, seed: int) -> list[tuple[list[str], list[int]]]:
+def _iid_groups(
+    by_speaker: dict[str, list[int]], k: int, seed: int, non_iid: NonIID = NonIID()
+) -> list[tuple[list[str], list[int]]]:
     all_rows = np.array(sorted(r for rows in by_speaker.values() for r in rows), dtype=np.int64)
     if k > len(all_rows):
         raise PartitionError(
@@ -178,11 +339,27 @@ def _iid_groups(by_speaker: dict[str, list[int]], k: int, seed: int) -> list[tup
         )
     shuffled = all_rows[_rng(seed, _ORDER_STREAM).permutation(len(all_rows))]
     speaker_of = {r: spk for spk, rows in by_speaker.items() for r in rows}
+    if non_iid.silo_sizes == "skewed":
+        counts = _skewed_counts(len(shuffled), size_shares(k, non_iid.size_exponent, seed))
+        parts = np.split(shuffled, np.cumsum(counts)[:-1])
+    else:
+        parts = np.array_split(shuffled, k)
     groups = []
-    for part in np.array_split(shuffled, k):
+    for part in parts:
         rows = sorted(int(r) for r in part)
         groups.append((sorted({speaker_of[r] for r in rows}), rows))
     return groups
+
+
+def _skewed_counts(total: int, shares: list[float]) -> list[int]:
+    """``total`` items split by ``shares`` (largest remainders), every part at least 1 (``total >= len(shares)``)."""
+    extra = total - len(shares)
+    raw = [share * extra for share in shares]
+    counts = [int(np.floor(x)) for x in raw]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (-(raw[i] - counts[i]), i))
+    for i in by_remainder[: extra - sum(counts)]:
+        counts[i] += 1
+    return [c + 1 for c in counts]
 
 
 def _count(excluded: Counter, reason: str, speakers: list[str], by_speaker: dict[str, list[int]]) -> None:
@@ -200,16 +377,27 @@ def plan_partition(
     min_utterances: int = 2,
     valid_fraction: float = 0.1,
     seed: int = 0,
+    silo_sizes: str = "equal",
+    size_exponent: float = DEFAULT_SIZE_EXPONENT,
+    skew: str = "none",
+    skew_share: float = DEFAULT_SKEW_SHARE,
 ) -> PartitionPlan:
     """Decide where every utterance goes (no I/O). Deterministic for the seed."""
     _check_options(mode, clients, min_utterances, valid_fraction)
+    non_iid = check_non_iid(mode, silo_sizes, size_exponent, skew, skew_share)
     by_speaker = group_by_speaker(utterances)
     durations = np.fromiter((u.duration for u in utterances), dtype=np.float64, count=len(utterances))
     warmup = choose_warmup(list(by_speaker), warmup_speakers, seed)
     warmup_set = set(warmup)
     remaining = {spk: rows for spk, rows in by_speaker.items() if spk not in warmup_set}
     excluded: Counter = Counter()
-    groups = _client_groups(mode, remaining, durations, clients, min_utterances, seed, excluded)
+    speaker_groups = None
+    if non_iid.skew != "none":
+        speaker_groups = speaker_group_labels(utterances, remaining, SKEW_COLUMNS[non_iid.skew])
+        _check_groups(non_iid.skew, speaker_groups)
+    groups = _client_groups(
+        mode, remaining, durations, clients, min_utterances, seed, excluded, non_iid, speaker_groups
+    )
     plans = []
     for speakers, rows in groups:
         if len(rows) < 2:
@@ -221,8 +409,57 @@ def plan_partition(
         plans.append(ClientPlan(speakers=speakers, train=train, valid=valid))
     warmup_rows = sorted(r for spk in warmup for r in by_speaker[spk])
     return PartitionPlan(
-        warmup_speakers=sorted(warmup), warmup_rows=warmup_rows, clients=plans, excluded=dict(excluded)
+        warmup_speakers=sorted(warmup), warmup_rows=warmup_rows, clients=plans, excluded=dict(excluded),
+        speaker_groups=speaker_groups,
     )
+
+
+def check_non_iid(mode: str, silo_sizes: str, size_exponent: float, skew: str, skew_share: float) -> NonIID:
+    """The non-IID options, checked against each other and the mode."""
+    if silo_sizes not in SILO_SIZES:
+        raise PartitionError(f"silo_sizes={silo_sizes!r}: choose one of {list(SILO_SIZES)} (--silo-sizes)")
+    if skew not in SKEWS:
+        raise PartitionError(f"skew={skew!r}: choose one of {list(SKEWS)} (--skew)")
+    if silo_sizes != "equal" and mode == "cross-device":
+        raise PartitionError(
+            f"silo_sizes={silo_sizes!r} applies to --mode cross-silo or iid: a cross-device partition has one client "
+            "per speaker, so its sizes are the speakers'. Drop --silo-sizes or change the mode."
+        )
+    if skew != "none" and mode != "cross-silo":
+        raise PartitionError(
+            f"skew={skew!r} applies to --mode cross-silo only ({mode} clients are "
+            f"{'single speakers' if mode == 'cross-device' else 'random utterances'}). Drop --skew or use "
+            "--mode cross-silo."
+        )
+    try:
+        size_exponent, skew_share = float(size_exponent), float(skew_share)
+    except (TypeError, ValueError):
+        raise PartitionError(
+            f"size_exponent={size_exponent!r}, skew_share={skew_share!r}: both must be numbers"
+        ) from None
+    if not 0.0 < size_exponent <= 10.0:
+        raise PartitionError(
+            f"size_exponent={size_exponent}: must be in (0, 10] (1.0: shares 1, 1/2, 1/3, ...; larger: more unequal)"
+        )
+    if not 0.0 < skew_share <= 1.0:
+        raise PartitionError(
+            f"skew_share={skew_share}: must be in (0, 1], the share of each group's speakers kept in its home silos "
+            "(1.0: pure silos)"
+        )
+    return NonIID(silo_sizes=silo_sizes, size_exponent=size_exponent, skew=skew, skew_share=skew_share)
+
+
+def _check_groups(skew: str, speaker_groups: dict[str, str]) -> None:
+    labels = Counter(speaker_groups.values())
+    if len(labels) < 2:
+        column = SKEW_COLUMNS[skew]
+        value = next(iter(labels), NO_GROUP)
+        raise PartitionError(
+            f"skew={skew!r}: the train manifest's {column!r} column gives all {len(speaker_groups)} client speakers "
+            f"the same value ({value!r}), so no silo can differ from another by {skew}. Use --skew none, or a corpus "
+            f"whose TSVs fill the {column} column (`fedasr synth` corpora do; `fedasr prepare` copies it into the "
+            "manifest)."
+        )
 
 
 def _check_options(mode: str, clients: int | None, min_utterances: int, valid_fraction: float) -> None:
@@ -264,7 +501,29 @@ def partition_stats(clients: list[dict]) -> dict:
         "total_hours": sum(hours) + sum(c["valid_hours"] for c in clients),
     }
     stats["hours_max_min_ratio"] = (max(hours) / min(hours)) if hours and min(hours) > 0 else None
+    if clients and "share" in clients[0]:  # a non-IID partition: sizes and group skew
+        stats["share"] = describe([c["share"] for c in clients])
+    if clients and "group" in clients[0]:
+        stats["group_share"] = describe([c["group_share"] for c in clients])
+        stats["dominant_groups"] = dict(Counter(c["group"] for c in clients).most_common())
     return stats
+
+
+def _non_iid_fields(entries: list[dict], utterances: list[Utterance], plan: PartitionPlan) -> None:
+    """Add each client's share of the clients' hours and, with a skew, its groups and dominant group's share."""
+    total = sum(e["hours"] + e["valid_hours"] for e in entries) or 1.0
+    for entry, client in zip(entries, plan.clients):
+        entry["share"] = round((entry["hours"] + entry["valid_hours"]) / total, 6)
+        if plan.speaker_groups is None:
+            continue
+        hours_of: Counter = Counter()
+        for r in client.train + client.valid:
+            hours_of[plan.speaker_groups[utterances[r].spk_id]] += utterances[r].duration
+        speakers_of = Counter(plan.speaker_groups[spk] for spk in client.speakers)
+        dominant = min(hours_of, key=lambda g: (-hours_of[g], g))
+        entry["group"] = dominant
+        entry["group_share"] = round(hours_of[dominant] / (sum(hours_of.values()) or 1.0), 6)
+        entry["groups"] = {g: speakers_of[g] for g in sorted(speakers_of, key=lambda g: (-speakers_of[g], g))}
 
 
 def summary_table(partition: dict) -> str:
@@ -279,11 +538,43 @@ def summary_table(partition: dict) -> str:
         "",
         f"{'per client':<18}{'min':>10}{'median':>10}{'max':>10}{'mean':>10}{'std':>10}",
     ]
-    for key in ("speakers", "utterances", "valid_utterances", "hours"):
+    for key in ("speakers", "utterances", "valid_utterances", "hours", "share", "group_share"):
+        if key not in stats:  # share, group_share: non-IID partitions only
+            continue
         row = stats[key]
-        fmt = "{:>10.3f}" if key == "hours" else "{:>10.1f}"
+        fmt = "{:>10.3f}" if key in ("hours", "share", "group_share") else "{:>10.1f}"
         lines.append(f"{key:<18}" + "".join(fmt.format(row[s]) for s in ("min", "median", "max", "mean", "std")))
+    if "silo_sizes" in partition["options"]:
+        lines += ["", *_non_iid_lines(partition)]
     return "\n".join(lines)
+
+
+def _non_iid_lines(partition: dict) -> list[str]:
+    """The sizes and group skew of a non-IID partition, one line per client (the first TABLE_MAX_CLIENTS)."""
+    options, stats, clients = partition["options"], partition["stats"], partition["clients"]
+    sizes = (f"skewed (Zipf exponent {options['size_exponent']:g})" if options["silo_sizes"] == "skewed"
+             else "equal (balanced by hours as far as the skew allows)")
+    ratio = stats.get("hours_max_min_ratio")
+    lines = [f"sizes    : {sizes}; largest/smallest client hours " + (f"{ratio:.1f}" if ratio else "n/a")]
+    skewed = options["skew"] != "none"
+    if skewed:
+        lines.append(
+            f"skew     : by {options['skew']} (column {SKEW_COLUMNS[options['skew']]!r}), skew_share "
+            f"{options['skew_share']:g}; dominant-group share of a client's hours: min "
+            f"{stats['group_share']['min']:.2f}, median {stats['group_share']['median']:.2f}"
+        )
+    header = f"{'client':<8}{'speakers':>9}{'utts':>7}{'hours':>9}{'share':>7}"
+    lines.append(header + ("  dominant group (share of hours; speakers per group)" if skewed else ""))
+    for c in clients[:TABLE_MAX_CLIENTS]:
+        line = (f"{c['id']:<8}{len(c['speakers']):>9}{c['utterances'] + c['valid_utterances']:>7}"
+                f"{c['hours'] + c['valid_hours']:>9.3f}{c['share']:>7.3f}")
+        if skewed:
+            groups = ", ".join(f"{g} {n}" for g, n in c["groups"].items())
+            line += f"  {c['group']} ({c['group_share']:.2f}; {groups})"
+        lines.append(line)
+    if len(clients) > TABLE_MAX_CLIENTS:
+        lines.append(f"... {len(clients) - TABLE_MAX_CLIENTS} more clients in partition.json")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -312,7 +603,7 @@ def _write_rows(path: Path, utterances: list[Utterance], rows: list[int]) -> int
     return write_manifest(path, (utterances[r] for r in rows), durable=False)
 
 
-def _write_files(out: Path, utterances: list[Utterance], plan: PartitionPlan) -> list[dict]:
+def _write_files(out: Path, utterances: list[Utterance], plan: PartitionPlan, non_iid: bool = False) -> list[dict]:
     """Write the warm-up and per-client manifests and stats.csv; returns the client entries of partition.json."""
     _write_rows(manifest_path(out / "warmup", "train"), utterances, plan.warmup_rows)
     entries = []
@@ -333,6 +624,8 @@ def _write_files(out: Path, utterances: list[Utterance], plan: PartitionPlan) ->
                 "valid_hours": _hours(utterances, client.valid),
             }
         )
+    if non_iid:
+        _non_iid_fields(entries, utterances, plan)
     with atomic_open(out / "stats.csv", "w", encoding="utf-8", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "speakers", "utterances", "valid_utterances", "hours", "valid_hours"])
@@ -353,8 +646,16 @@ def partition_manifest(
     min_utterances: int = 2,
     valid_fraction: float = 0.1,
     seed: int = 0,
+    silo_sizes: str = "equal",
+    size_exponent: float = DEFAULT_SIZE_EXPONENT,
+    skew: str = "none",
+    skew_share: float = DEFAULT_SKEW_SHARE,
 ) -> dict:
     """Partition ``manifest_dir/train.csv`` into ``out_dir``.
+
+    Non-IID options (module docstring): ``silo_sizes`` "equal" (default) or "skewed" (cross-silo, iid) with
+    ``size_exponent``; ``skew`` "none" (default), "accent" or "gender" (cross-silo) with ``skew_share``. With any of
+    them, partition.json's options, client entries (share; group, group_share, groups) and stats record the skew.
 
     Returns {"partition": the partition.json content, "summary_table": printable text, "seconds", "skipped"}.
 
@@ -362,6 +663,7 @@ def partition_manifest(
     """
     started = time.perf_counter()
     _check_options(mode, clients, min_utterances, valid_fraction)
+    non_iid = check_non_iid(mode, silo_sizes, size_exponent, skew, skew_share)
     source = manifest_path(manifest_dir, "train").resolve()
     if not source.exists():
         raise PartitionNotFoundError(f"{source}: train manifest not found. Run `fedasr prepare` to create it first.")
@@ -372,6 +674,8 @@ def partition_manifest(
         "min_utterances": min_utterances,
         "valid_fraction": valid_fraction,
     }
+    if not non_iid.is_default:  # default partitions keep the options (and fingerprint) of earlier versions
+        options.update(non_iid.as_dict())
     fingerprint = {
         "version": PARTITION_VERSION, "mode": mode, "seed": seed, "options": options,
         "source": _source_fingerprint(source),
@@ -387,7 +691,7 @@ def partition_manifest(
         raise PartitionError(f"{source}: the train manifest has no rows. Re-create it with `fedasr prepare`.")
     plan = plan_partition(
         utterances, mode=mode, clients=clients, warmup_speakers=warmup_speakers,
-        min_utterances=min_utterances, valid_fraction=valid_fraction, seed=seed,
+        min_utterances=min_utterances, valid_fraction=valid_fraction, seed=seed, **non_iid.as_dict(),
     )
     if not plan.clients:
         raise PartitionError(
@@ -397,7 +701,7 @@ def partition_manifest(
             "train manifest with more speakers."
         )
     _clear_previous(out)
-    entries = _write_files(out, utterances, plan)
+    entries = _write_files(out, utterances, plan, non_iid=not non_iid.is_default)
     partition = {
         "version": PARTITION_VERSION,
         "mode": mode,

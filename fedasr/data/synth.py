@@ -12,6 +12,13 @@ template grammar in ``fedasr/data/sentences/<lang>.txt``; a pool of sentences is
 sentence is read by several speakers and a dev/test sentence may also be read in train (Common Voice allows
 this too; the speakers never overlap).
 
+Acoustic variety (off by default: the default corpus is byte-identical to earlier versions): each speaker gets,
+drawn from the seed, a white-noise level in ``noise_db_range`` (dBFS), a speed-perturbation factor in
+``speed_range`` (the audio resampled as in Kaldi's speed perturbation: tempo and pitch change together) and a room
+whose reverberation time RT60 lies in ``reverb_rt60_range`` (seconds; the clip is convolved with an exponentially
+decaying noise impulse response, 0 = no room). ``acoustics="hard"`` sets all three at once (:data:`ACOUSTIC_PRESETS`);
+a range given explicitly overrides the preset's.
+
 Everything is deterministic for a seed: two runs give identical TSVs and identical MP3 bytes.
 """
 
@@ -57,6 +64,22 @@ SPEED_RANGE = (125, 185)  # words per minute: intelligible
 AGES = ("teens", "twenties", "thirties", "fourties", "fifties", "sixties")  # Common Voice spelling
 STAGE = "synth"
 SYNTH_VERSION = 1
+
+# Per-speaker acoustic conditions, each a (low, high) range drawn uniformly per speaker.
+#   noise_db:  white noise level in dBFS (speech peaks at -6 to -1 dBFS; its RMS over active frames measured
+#              -15 to -21 dBFS: "hard" is an SNR of about 5 to 25 dB, "clean" 25 to 45 dB)
+#   speed:     speed-perturbation factor (1.1 = 10 % faster and higher, as in Kaldi's speed perturbation)
+#   rt60:      reverberation time in seconds (0 = dry, 0.3 = small room, 0.8 = large hall)
+ACOUSTIC_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
+    "clean": {"noise_db": (-60.0, -45.0), "speed": (1.0, 1.0), "rt60": (0.0, 0.0)},  # the default corpus
+    "hard": {"noise_db": (-40.0, -25.0), "speed": (0.85, 1.15), "rt60": (0.2, 0.8)},
+}
+DEFAULT_ACOUSTICS = "clean"
+NOISE_DB_LIMITS = (-120.0, 0.0)
+SPEED_LIMITS = (0.5, 2.0)
+RT60_LIMITS = (0.0, 3.0)
+SPEED_STEP = 100  # speed factors are rounded to 1/SPEED_STEP: resampling by SPEED_STEP / round(factor * SPEED_STEP)
+REVERB_DIRECT_DB = 6.0  # direct path this much above the reverberant tail's energy (a talker near the microphone)
 
 # Base espeak-ng voice of each language -> the accent label written in the TSV, with its drawing weight.
 ACCENT_VOICES: dict[str, tuple[tuple[str, str, float], ...]] = {
@@ -105,6 +128,28 @@ class Speaker:
     gender: str
     age: str
     accent: str
+    speed_factor: float = 1.0  # speed perturbation by resampling (1.0: none)
+    rt60: float = 0.0  # reverberation time of the speaker's room in seconds (0.0: dry)
+
+
+@dataclass(frozen=True)
+class Acoustics:
+    """Per-speaker acoustic ranges of a corpus; :func:`resolve_acoustics` builds one from the user's options."""
+
+    noise_db_range: tuple[float, float] = ACOUSTIC_PRESETS["clean"]["noise_db"]
+    speed_range: tuple[float, float] = ACOUSTIC_PRESETS["clean"]["speed"]
+    reverb_rt60_range: tuple[float, float] = ACOUSTIC_PRESETS["clean"]["rt60"]
+
+    @property
+    def is_default(self) -> bool:
+        return self == Acoustics()
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {
+            "noise_db_range": list(self.noise_db_range),
+            "speed_range": list(self.speed_range),
+            "reverb_rt60_range": list(self.reverb_rt60_range),
+        }
 
 
 @dataclass(frozen=True)
@@ -181,8 +226,15 @@ def split_sizes(n_speakers: int) -> dict[str, int]:
     return {"train": n_speakers - dev - test, "dev": dev, "test": test}
 
 
-def make_speakers(lang: str, n_speakers: int, seed: int) -> list[Speaker]:
-    """Draw the speakers' voices and metadata from the seed; splits are assigned over a seeded shuffle."""
+def make_speakers(lang: str, n_speakers: int, seed: int, acoustics: Acoustics | None = None) -> list[Speaker]:
+    """Draw the speakers' voices and metadata from the seed; splits are assigned over a seeded shuffle.
+
+    ``acoustics`` (default: the clean corpus) gives the ranges of the per-speaker noise level, speed factor and RT60.
+    The noise level takes the same draw whatever its range, and the speed factor and RT60 come from a stream of
+    their own, so the voices, ages and accents of a seed do not depend on the acoustic options.
+    """
+    acoustics = acoustics or Acoustics()
+    noise_low, noise_high = acoustics.noise_db_range
     sizes = split_sizes(n_speakers)
     order = list(range(n_speakers))
     random.Random(f"fedasr-synth:{seed}:splits").shuffle(order)
@@ -193,6 +245,7 @@ def make_speakers(lang: str, n_speakers: int, seed: int) -> list[Speaker]:
     speakers = []
     for index in range(n_speakers):
         rng = random.Random(f"fedasr-synth:{seed}:speaker:{index}")
+        room_rng = random.Random(f"fedasr-synth:{seed}:acoustics:{index}")
         variant = variants[index % len(variants)]
         base_voice, accent, _ = rng.choices(accents, weights=[a[2] for a in accents])[0]
         speakers.append(
@@ -204,10 +257,12 @@ def make_speakers(lang: str, n_speakers: int, seed: int) -> list[Speaker]:
                 pitch=rng.randint(*PITCH_RANGE),
                 speed=rng.randint(*SPEED_RANGE),
                 gain=round(rng.uniform(0.5, 0.9), 3),
-                noise_db=round(rng.uniform(-60.0, -45.0), 1),
+                noise_db=round(noise_low + (noise_high - noise_low) * rng.random(), 1),  # = rng.uniform(low, high)
                 gender="male_masculine" if variant.startswith("m") else "female_feminine",
                 age=rng.choice(AGES),
                 accent=accent,
+                speed_factor=round(room_rng.uniform(*acoustics.speed_range) * SPEED_STEP) / SPEED_STEP,
+                rt60=round(room_rng.uniform(*acoustics.reverb_rt60_range), 2),
             )
         )
     return speakers
@@ -244,10 +299,56 @@ def to_48k(samples: np.ndarray) -> np.ndarray:
     return resampled.astype(np.float32)
 
 
+def speed_perturb(samples: np.ndarray, factor: float) -> np.ndarray:
+    """Play ``samples`` ``factor`` times faster (tempo and pitch), by resampling; factor rounded to 1/SPEED_STEP."""
+    from scipy.signal import resample_poly
+
+    step = int(round(factor * SPEED_STEP))
+    if step == SPEED_STEP:
+        return samples
+    ratio = math.gcd(SPEED_STEP, step)
+    return resample_poly(samples.astype(np.float64), SPEED_STEP // ratio, step // ratio).astype(np.float32)
+
+
+def room_impulse_response(rt60: float, seed: tuple[int, ...], rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A synthetic room: a direct-path impulse, then Gaussian noise decaying by 60 dB over ``rt60`` seconds.
+
+    The tail starts 2.5 ms after the direct path (the first reflections) and lasts ``rt60`` seconds; its energy is
+    :data:`REVERB_DIRECT_DB` below the direct path's. ``rt60 <= 0`` gives a single unit impulse (a dry signal).
+    """
+    if rt60 <= 0:
+        return np.ones(1, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    gap = int(0.0025 * rate)
+    t = np.arange(int(rt60 * rate)) / rate
+    tail = rng.standard_normal(t.size) * np.exp(-3.0 * math.log(10.0) * t / rt60)  # amplitude -60 dB at t = rt60
+    tail *= math.sqrt(10 ** (-REVERB_DIRECT_DB / 10) / float(np.sum(tail**2)))
+    response = np.zeros(gap + t.size)
+    response[0] = 1.0
+    response[gap:] = tail
+    return response
+
+
+def reverberate(samples: np.ndarray, response: np.ndarray) -> np.ndarray:
+    """Full linear convolution (the reverberant tail lengthens the clip) by FFT, numpy only."""
+    if response.size == 1:
+        return samples
+    n = samples.size + response.size - 1
+    size = 1 << (n - 1).bit_length()
+    wet = np.fft.irfft(np.fft.rfft(samples.astype(np.float64), size) * np.fft.rfft(response, size), size)[:n]
+    return wet.astype(np.float32)
+
+
 def render_clip(job: ClipJob) -> float:
-    """Speak, resample, apply the speaker's gain and noise, write the MP3 atomically; returns seconds of audio."""
+    """Speak, resample, apply the speaker's speed factor, room, gain and noise, write the MP3 atomically; returns
+    seconds of audio."""
     spk = job.speaker
     speech = to_48k(espeak_waveform(job.text, spk.voice, spk.pitch, spk.speed))
+    if spk.speed_factor != 1.0:
+        speech = speed_perturb(speech, spk.speed_factor)
+    if spk.rt60 > 0:
+        # One room per speaker: the response depends on the seed and speaker, not on the clip.
+        speech = reverberate(speech, room_impulse_response(spk.rt60, (job.noise_seed[0], spk.index, 1_000_003)))
     peak = float(np.max(np.abs(speech))) or 1.0
     rng = np.random.default_rng(job.noise_seed)
     lead = np.zeros(int(rng.uniform(0.05, 0.25) * SAMPLE_RATE), dtype=np.float32)
@@ -324,6 +425,51 @@ def render_all(jobs: list[ClipJob], workers: int) -> list[float]:
         return list(pool.map(render_clip, jobs))
 
 
+_RANGE_OPTIONS = {
+    # option name -> (preset key, allowed limits, unit, CLI flag)
+    "noise_db_range": ("noise_db", NOISE_DB_LIMITS, "dBFS", "--noise-db-range"),
+    "speed_range": ("speed", SPEED_LIMITS, "x", "--speed-range"),
+    "reverb_rt60_range": ("rt60", RT60_LIMITS, "s", "--reverb-rt60-range"),
+}
+
+
+def _as_range(name: str, value, limits: tuple[float, float], unit: str, flag: str) -> tuple[float, float]:
+    example = {"noise_db_range": "-40 -25", "speed_range": "0.9 1.1", "reverb_rt60_range": "0.2 0.8"}[name]
+    fix = f"give two numbers LOW HIGH in [{limits[0]:g}, {limits[1]:g}] {unit}, e.g. {flag} {example}"
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise SynthError(f"{name}={value!r}: {fix}")
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise SynthError(f"{name}={value!r}: {fix}") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
+        raise SynthError(f"{name}={value!r}: the low end must not exceed the high end; {fix}")
+    if low < limits[0] or high > limits[1]:
+        raise SynthError(f"{name}={value!r}: out of range; {fix}")
+    return low, high
+
+
+def resolve_acoustics(
+    acoustics: str = DEFAULT_ACOUSTICS,
+    *,
+    noise_db_range=None,
+    speed_range=None,
+    reverb_rt60_range=None,
+) -> Acoustics:
+    """The preset ``acoustics`` (:data:`ACOUSTIC_PRESETS`), with any range given explicitly replacing the preset's."""
+    if acoustics not in ACOUSTIC_PRESETS:
+        raise SynthError(
+            f"acoustics={acoustics!r}: choose one of {list(ACOUSTIC_PRESETS)} (--acoustics clean|hard), "
+            "or set the ranges one by one (--noise-db-range, --speed-range, --reverb-rt60-range)"
+        )
+    given = {"noise_db_range": noise_db_range, "speed_range": speed_range, "reverb_rt60_range": reverb_rt60_range}
+    ranges = {}
+    for name, value in given.items():
+        key, limits, unit, flag = _RANGE_OPTIONS[name]
+        ranges[name] = _as_range(name, ACOUSTIC_PRESETS[acoustics][key] if value is None else value, limits, unit, flag)
+    return Acoustics(**ranges)
+
+
 def _check_arguments(lang: str, speakers: int, per_speaker: int, workers: int) -> None:
     if lang not in SUPPORTED_LANGUAGES:
         raise SynthError(f"lang={lang!r}: no sentence material; choose one of {list(SUPPORTED_LANGUAGES)}")
@@ -344,11 +490,21 @@ def synthesize_corpus(
     utterances_per_speaker: int | None = None,
     seed: int = 0,
     workers: int | None = None,
+    acoustics: str = DEFAULT_ACOUSTICS,
+    noise_db_range: tuple[float, float] | list[float] | None = None,
+    speed_range: tuple[float, float] | list[float] | None = None,
+    reverb_rt60_range: tuple[float, float] | list[float] | None = None,
 ) -> dict:
     """Write a Common-Voice-shaped corpus to ``out_dir``; returns a summary dict.
 
+    Acoustic variety, per speaker (see the module docstring): ``acoustics`` is a preset, "clean" (default: light
+    noise, no speed change, no room) or "hard"; ``noise_db_range`` (dBFS, e.g. (-40, -25)), ``speed_range`` (factor,
+    e.g. (0.9, 1.1)) and ``reverb_rt60_range`` (seconds, e.g. (0.2, 0.8); (0, 0) = no reverberation) replace the
+    preset's range when given.
+
     Summary keys: lang, seed, speakers, clips, hours, splits ({split: {"speakers", "clips", "hours"}}),
-    sentences (distinct), seconds (wall time of this call), skipped (True when the folder was already complete).
+    sentences (distinct), acoustics (only when not the clean default: the ranges used), seconds (wall time of this
+    call), skipped (True when the folder was already complete).
     Re-running with the same arguments on a finished folder does nothing; a folder finished with other arguments
     is an error (choose another folder or delete it).
     """
@@ -357,20 +513,27 @@ def synthesize_corpus(
     speakers = DEFAULT_SPEAKERS if speakers is None else int(speakers)
     per_speaker = DEFAULT_UTTERANCES_PER_SPEAKER if utterances_per_speaker is None else int(utterances_per_speaker)
     workers = default_workers() if workers is None else int(workers)
+    conditions = resolve_acoustics(
+        acoustics, noise_db_range=noise_db_range, speed_range=speed_range, reverb_rt60_range=reverb_rt60_range
+    )
     _check_arguments(lang, speakers, per_speaker, workers)
     fingerprint = {
         "version": SYNTH_VERSION, "lang": lang, "speakers": speakers, "utterances_per_speaker": per_speaker, "seed": seed,
     }
+    if not conditions.is_default:  # the clean corpus keeps its earlier fingerprint: finished folders stay finished
+        fingerprint["acoustics"] = conditions.as_dict()
     summary_file = out / "synth_summary.json"
     if is_done(out, STAGE, fingerprint) and summary_file.exists():
         log.info("%s already holds this corpus; nothing to do", out)
         return {**read_json(summary_file), "seconds": round(time.perf_counter() - started, 3), "skipped": True}
     _refuse_other_corpus(out, fingerprint)
 
-    speaker_list = make_speakers(lang, speakers, seed)
+    speaker_list = make_speakers(lang, speakers, seed, conditions)
     jobs = plan_clips(out, lang, speaker_list, per_speaker, seed)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     log.info("synthesizing %d clips of %d speakers with %d workers -> %s", len(jobs), speakers, workers, out)
+    if not conditions.is_default:
+        log.info("acoustics per speaker: %s", conditions.as_dict())
     durations = render_all(jobs, workers)
 
     rows_by_split: dict[str, list[dict[str, str]]] = {"train": [], "dev": [], "test": []}
@@ -381,6 +544,8 @@ def synthesize_corpus(
     write_tsv(out / "validated.tsv", [tsv_row(job, lang) for job in jobs])
 
     summary = _summary(lang, seed, jobs, durations)
+    if not conditions.is_default:
+        summary["acoustics"] = conditions.as_dict()
     atomic_write_json(summary_file, summary)
     mark_done(out, STAGE, fingerprint)
     return {**summary, "seconds": round(time.perf_counter() - started, 3), "skipped": False}

@@ -1,8 +1,9 @@
 """Full server state after every round, written atomically, so a killed run resumes exactly where it was.
 
-One file, ``<output>/checkpoints/server_state.pt``: round number, global arrays, strategy state (server
-optimizer moments for FedAdam/FedYogi/FedAvgM, the last global arrays), annealer state, RNG states (python,
-numpy, torch) and the best dev WER so far. It is replaced (temp file + rename) only once a round is complete.
+One file, ``<output>/checkpoints/server_state.pt``: round number, global arrays, the strategy's ``state_dict()``
+(server optimizer moments for FedAdam/FedYogi/FedAvgM, see fedasr/fl/strategies/base.py), annealer state, RNG
+states (python, numpy, torch) and the best dev WER so far. It is replaced (temp file + rename) only once a round is
+complete.
 """
 
 from __future__ import annotations
@@ -13,21 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
 
-from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.models.checkpoint import CheckpointError
 from fedasr.utils.io import atomic_open
 
 CHECKPOINT_NAME = "server_state.pt"
-FORMAT_VERSION = 1
-
-# Attributes that carry state between rounds in fedasr's and Flower's strategies (FedOpt family: current
-# arrays + moments; FedAvgM: current arrays + momentum vector).
-_STRATEGY_ATTRIBUTES = ("current_arrays", "m_t", "v_t", "momentum_vector")
+FORMAT_VERSION = 1  # the strategy entry of format 1 is what the strategies' state_dict() writes
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used to resume; the message names the file and the fix."""
+class ServerStateError(CheckpointError, ValueError):
+    """A server checkpoint that cannot be used to resume; the message names the file and the fix."""
 
 
 @dataclass
@@ -56,24 +52,14 @@ def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def strategy_state(strategy) -> dict:
-    """The between-round state of a strategy as plain data (ArrayRecords become dicts of numpy arrays)."""
-    state = {}
-    for name in _STRATEGY_ATTRIBUTES:
-        if not hasattr(strategy, name):
-            continue
-        value = getattr(strategy, name)
-        if isinstance(value, ArrayRecord):
-            state[name] = {"kind": "arrayrecord", "value": arrays_to_numpy(value)}
-        else:
-            state[name] = {"kind": "plain", "value": value}
-    return state
-
-
-def load_strategy_state(strategy, state: dict) -> None:
-    for name, entry in state.items():
-        value = entry["value"]
-        setattr(strategy, name, numpy_to_arrayrecord(value) if entry["kind"] == "arrayrecord" else value)
+def restore_strategy_state(strategy, state: ServerState, path: str | Path) -> None:
+    """``strategy.load_state_dict`` of the checkpoint's strategy state; a state the strategy cannot take is a
+    ServerStateError naming the file."""
+    try:
+        strategy.load_state_dict(state.strategy)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ServerStateError(f"{path}: the strategy state does not fit this run's strategy ({err}); resume with "
+                               "the original settings, or start a fresh run in another --output-dir.") from err
 
 
 def save_server_state(output_dir: str | Path, state: ServerState) -> Path:
@@ -93,11 +79,11 @@ def load_server_state(output_dir: str | Path) -> ServerState | None:
     try:
         payload = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:  # a truncated or foreign file
-        raise CheckpointError(
+        raise ServerStateError(
             f"{path}: cannot read the server checkpoint ({err}). Delete it to start over, or restore it from a backup."
         ) from err
     if payload.pop("format", None) != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by another fedasr version; start the run again in a new --output-dir.")
+        raise ServerStateError(f"{path}: written by another fedasr version; start the run again in a new --output-dir.")
     return ServerState(**payload)
 
 
@@ -108,7 +94,7 @@ def check_resumable(state: ServerState, fingerprint: dict, path: str | Path) -> 
                if k in state.fingerprint and state.fingerprint[k] != v}
     if changed:
         details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise CheckpointError(
+        raise ServerStateError(
             f"{path}: cannot resume, settings changed since the checkpoint ({details}). Resume with the original "
             "settings, or start a fresh run in another --output-dir."
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 from hyperpyyaml import load_hyperpyyaml
 
 from fedasr.fl.faults import Faults, check_faults, faults_from_dict
+from fedasr.utils.device import PRECISIONS, DeviceError, check_device
 from fedasr.utils.settings import deep_merge, did_you_mean, parse_dotted_overrides, quiet_logger
 
 MODES = ("cross-silo", "cross-device")
@@ -94,6 +95,8 @@ class FLConfig:
     evaluation: Evaluation = field(default_factory=Evaluation)
     client_num_cpus: float = 1.0
     client_num_gpus: float = 0.0  # GPU share per simulated client (0.5: two clients per GPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N: server and clients (fedasr/utils/device.py; clients: Ray's GPU)
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast of local training and decoding (fp16: CUDA only)
     client_threads: int = 1
     ray_address: str | None = None  # None: a new Ray on this machine (or $RAY_ADDRESS); "HOST:PORT": that cluster
     update_encoding: str = "fp32"  # fp32 | fp16 | bf16: precision of the update a client sends back
@@ -239,6 +242,12 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
     if config.client_num_cpus <= 0 or config.client_num_gpus < 0:
         fail(f"client_num_cpus must be > 0 and client_num_gpus >= 0, got {config.client_num_cpus} and "
              f"{config.client_num_gpus}")
+    try:
+        config.device = check_device(config.device)
+    except DeviceError as err:
+        fail(str(err))
+    if config.precision not in PRECISIONS:
+        fail(f"precision must be one of {PRECISIONS}, got {config.precision!r}")
     if config.update_encoding not in UPDATE_ENCODINGS:
         fail(f"update_encoding must be one of {UPDATE_ENCODINGS}, got {config.update_encoding!r}")
     if config.update_encoding != "fp32" and config.privacy.enabled:
@@ -310,10 +319,6 @@ def check_secure_aggregation(config: FLConfig) -> str | None:
 def strategy_name_and_settings(config: FLConfig) -> tuple[str, dict]:
     settings = dict(config.strategy)
     return str(settings.pop("name")), settings
-
-
-def config_to_json(config: FLConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)
 
 
 def config_from_json(text: str) -> FLConfig:

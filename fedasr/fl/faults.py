@@ -30,11 +30,11 @@ import numpy as np
 from flwr.app import Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
+from fedasr.fl.protocol import FAULTS, NUM_EXAMPLES, PARTITION_ID, SERVER_ROUND, TRAIN_LOSS
+
 log = logging.getLogger(__name__)
 
 FAULT_KINDS = ("dropout", "crash", "nan", "slow")
-CONFIG_KEY = "faults"  # key of the JSON-encoded settings in the round's ConfigRecord (absent: no faults)
-ROUND_KEY = "server-round"
 
 
 class InjectedCrash(RuntimeError):
@@ -119,11 +119,11 @@ def draw_faults(faults: Faults, seed: int, server_round: int, partition_id: int)
 
 def inject_fault(msg: Message, config, partition_id: int) -> Message | None:
     """Called at the start of the ClientApp's train: sleeps, raises, or returns the faulty reply; None: train."""
-    if CONFIG_KEY not in config:
+    if FAULTS not in config:
         return None
-    settings = json.loads(str(config[CONFIG_KEY]))
+    settings = json.loads(str(config[FAULTS]))
     seed = int(settings.pop("seed"))
-    server_round = int(config[ROUND_KEY])
+    server_round = int(config[SERVER_ROUND])
     faults = faults_from_dict(settings)
     drawn = draw_faults(faults, seed, server_round, partition_id)
     if not drawn:
@@ -145,7 +145,6 @@ def inject_fault(msg: Message, config, partition_id: int) -> Message | None:
 def nan_reply(msg: Message, partition_id: int) -> Message:
     """What a diverged client sends: the arrays it received, all NaN, with believable metrics."""
     from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
-    from fedasr.fl.strategies.replies import NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS
 
     received = arrays_to_numpy(msg.content["arrays"])
     arrays = numpy_to_arrayrecord({k: np.full_like(v, np.nan) for k, v in received.items()})

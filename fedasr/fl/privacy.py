@@ -39,7 +39,7 @@ import fnmatch
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
@@ -50,7 +50,8 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, compute_stdv
 
 from fedasr.fl.arrays import arrays_to_numpy
-from fedasr.fl.strategies.replies import aggregate_train_metrics, partition_of, reply_arrays, usable_replies
+from fedasr.fl.strategies.base import Dropped, RoundOutcome, RoundStrategy
+from fedasr.fl.strategies.replies import aggregate_train_metrics, partition_of, reply_arrays
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def noise_std(noise_multiplier: float, clipping_norm: float, num_sampled_clients
 
 # ---- server side -----------------------------------------------------------------------------------------------------
 
-class ClientLevelDP(Strategy):
+class ClientLevelDP(RoundStrategy, Strategy):
     """DP-FedAvg around a sampling strategy: clipping asked of the clients, uniform fixed-denominator average,
     Gaussian noise, epsilon per round (see the module docstring for the reasons it is not Flower's wrapper).
 
@@ -187,10 +188,6 @@ class ClientLevelDP(Strategy):
         self.seed = seed  # None: noise from the OS's entropy (secure); an int: reproducible noise
         dp_epsilon(self.noise_multiplier, 1, self.sampling_rate, self.delta, accounting)  # checks the settings early
         self._round_start: dict[str, np.ndarray] = {}
-        self.last_clients: list[int] = []
-        self.last_dropped: list[tuple[int, str]] = []
-        self.last_weights: dict[int, float] = {}
-        self.last_report: dict[str, float] = {}
 
     @property
     def sampling_rate(self) -> float:
@@ -214,7 +211,6 @@ class ClientLevelDP(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round_start = arrays_to_numpy(arrays)
-        self.last_report = {}
         if self.per_layer:
             num_private = len(self.private_keys(self._round_start))
             config[KEY_PER_LAYER_CLIPPING_NORM] = per_layer_norm(self.clipping_norm, num_private)
@@ -226,13 +222,11 @@ class ClientLevelDP(Strategy):
                                f"{self.num_sampled_clients}; check clients_per_round against the connected nodes")
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, self.last_dropped = usable_replies(replies)
-        self.last_clients = [partition_of(m) for m in kept]
-        self.last_weights = {c: 1.0 / self.num_sampled_clients for c in self.last_clients}
+    def aggregate_round(self, server_round: int, replies: Sequence[Message], *, refused: Dropped = ()) -> RoundOutcome:
+        kept = list(replies)
         if not kept:
             log.warning("round %d: no usable reply, the global model is kept", server_round)
-            return None, None
+            return RoundOutcome(dropped=list(refused))
         start = self._round_start
         keys = self.private_keys(start)
         total = {k: np.zeros(start[k].shape, dtype=np.float64) for k in keys}
@@ -260,18 +254,30 @@ class ClientLevelDP(Strategy):
                 updated = np.maximum(updated, VARIANCE_FLOOR)  # post-processing: a variance stays positive
             new[key] = updated.astype(value.dtype)
         tolerance = 1e-3 * self.clipping_norm  # a clipped float32 model, re-read in float64, is C within ~1e-5
-        self.last_report = {
-            "dp_noise_std": std,
-            "dp_max_update_norm": max(received_norms),
-            "dp_clipped_fraction": sum(n >= self.clipping_norm - tolerance for n in received_norms) / len(kept),
-        }
-        metrics = aggregate_train_metrics([m.content for m in kept])
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        clients = [partition_of(m) for m in kept]
+        return RoundOutcome(
+            arrays=ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}),
+            metrics=aggregate_train_metrics([m.content for m in kept]),
+            clients=clients,
+            weights={c: 1.0 / self.num_sampled_clients for c in clients},  # uniform, whatever the example counts
+            dropped=list(refused),
+            report={  # the clipping diagnostics (metrics.jsonl columns)
+                "dp_noise_std": std,
+                "dp_max_update_norm": max(received_norms),
+                "dp_clipped_fraction": sum(n >= self.clipping_norm - tolerance for n in received_norms) / len(kept),
+            },
+        )
+
+    def state_dict(self) -> dict:
+        return self.strategy.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.strategy.load_state_dict(state)
 
     def round_report(self, server_round: int) -> dict:
-        """Columns of metrics.jsonl for a finished round: epsilon so far and the clipping diagnostics."""
+        """Columns of metrics.jsonl for a round, skipped or not: epsilon so far and delta."""
         epsilon = self.epsilon(server_round)
-        return {"dp_epsilon": epsilon if math.isfinite(epsilon) else None, "dp_delta": self.delta, **self.last_report}
+        return {"dp_epsilon": epsilon if math.isfinite(epsilon) else None, "dp_delta": self.delta}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
@@ -281,7 +287,8 @@ class ClientLevelDP(Strategy):
 
 
 def privacy_round_report(strategy, server_round: int) -> dict:
-    """dp_* columns of a round's metrics row ({} for a run without DP)."""
+    """dp_epsilon and dp_delta of a round's metrics row ({} for a run without DP; the clipping diagnostics come in
+    the round's RoundOutcome.report)."""
     return strategy.round_report(server_round) if isinstance(strategy, ClientLevelDP) else {}
 
 

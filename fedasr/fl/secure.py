@@ -41,15 +41,10 @@ from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key as WorkflowKey
 
-from fedasr.fl.arrays import numpy_to_arrayrecord
-
-
-SECURE_ROUND_KEY = "secure-aggregation"  # in a round's config: keep the update, reply with metrics only
-UPDATE_RECORD = "fedasr.secure-update"  # node state: the update d_k waiting for the SecAgg+ step
-WEIGHT_KEY = "fedasr-weight"  # in the SecAgg+ step's FitIns config: alpha_k
-CLIPPING_RANGE_KEY = "fedasr-clipping-range"
-FITINS_CONFIG = "fitins.config"  # the record through which the legacy FitIns config reaches the client
-SECAGG_CONFIGS = "secaggplus_configs"  # the record SecAgg+ messages carry (flwr secaggplus_constants)
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.fl.protocol import CLIPPING_RANGE, FITINS_CONFIG, SECAGG_CONFIGS, UPDATE_RECORD, WEIGHT
+from fedasr.fl.strategies.base import RoundOutcome
+from fedasr.fl.strategies.replies import partition_of, short_error
 
 
 class UpdateOutOfRangeError(ValueError):
@@ -80,7 +75,7 @@ def weighted_update_reply(msg: Message, context: Context) -> Message:
         raise RuntimeError("SecAgg+ asked for an update this node does not hold (its training step failed or was "
                            "not received)")
     config = msg.content.config_records[FITINS_CONFIG]
-    weight, clipping_range = float(config[WEIGHT_KEY]), float(config[CLIPPING_RANGE_KEY])
+    weight, clipping_range = float(config[WEIGHT]), float(config[CLIPPING_RANGE])
     record = context.state.array_records.pop(UPDATE_RECORD)
     update = [record[key].numpy() for key in sorted(record.keys())]
     largest = max(float(np.abs(a).max()) if a.size else 0.0 for a in update) * weight
@@ -138,7 +133,7 @@ class _WeightsOnly(LegacyStrategy):
         return None
 
     def configure_fit(self, server_round, parameters, client_manager):
-        return [(_Proxy(node), FitIns(parameters, {WEIGHT_KEY: float(weight), CLIPPING_RANGE_KEY: self.clipping_range}))
+        return [(_Proxy(node), FitIns(parameters, {WEIGHT: float(weight), CLIPPING_RANGE: self.clipping_range}))
                 for node, weight in sorted(self.node_weights.items())]
 
     def aggregate_fit(self, server_round, results, failures):
@@ -217,32 +212,32 @@ def secure_weighted_average(grid, node_weights: Mapping[int, float], keys: Seque
     return SecureSum(dict(zip(sorted(keys), strategy.average)), recording.errors, recording.bytes_received)
 
 
-class InProcessGrid:
-    """SecAgg+ in one process, for tests and benches: routes each message to its node's client chain
-    (secure_aggregation_mod -> Flower's secaggplus_mod -> weighted_update_reply) with the node's own Context, as a
-    Grid and a SuperNode would; an exception becomes an error reply, as Flower makes of a failing ClientApp.
-    ``contexts``: node id -> Context holding the update (see keep_update). Messages get Flower's task identity
-    from the caller (a ServerApp's, or a test's)."""
+def secure_round(grid, strategy, server_round: int, arrays: ArrayRecord, replies: Sequence[Message], settings,
+                 timeout: float | None) -> tuple[RoundOutcome, int]:
+    """The aggregation of a secure round: ``strategy`` (MetricSoftmax) weighs the clients from their metrics,
+    SecAgg+ sums the weighted updates they kept; returns (the round's outcome, bytes the protocol's replies carried).
 
-    def __init__(self, contexts: Mapping[int, Context]) -> None:
-        self.contexts = contexts
-
-    def deliver(self, message: Message) -> Message:
-        return secure_aggregation_mod(message, self.contexts[message.metadata.dst_node_id], weighted_update_reply)
-
-    def send_and_receive(self, messages, timeout=None):
-        import copy
-
-        from flwr.app import Error
-
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
-            try:
-                answer = self.deliver(message)
-            except Exception as err:  # noqa: BLE001 - any ClientApp failure is an error reply
-                answer = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
-            answer.metadata.__dict__["_src_node_id"] = node  # Flower's transport stamps the sender
-            replies.append(answer)
-        return replies
+    ``replies``: the round's usable training replies (metrics only); ``settings``: the fl hparams' SecureAggregation.
+    A client that fails during the protocol is in ``dropped`` and out of the average, whose weights are renormalised
+    over the clients that finished (SecAgg+ divides by their summed weights)."""
+    weighed = strategy.weigh_clients(replies)
+    if not weighed.replies:
+        return RoundOutcome(dropped=weighed.dropped), 0
+    node_weights = {m.metadata.src_node_id: float(w) for m, w in zip(weighed.replies, weighed.weights)}
+    client_of_node = {m.metadata.src_node_id: partition_of(m) for m in weighed.replies}
+    result = secure_weighted_average(grid, node_weights, list(arrays.keys()), server_round, settings, timeout)
+    failed = [(client_of_node.get(node, node), f"secure aggregation: {short_error(reason)}")
+              for node, reason in sorted(result.failed.items())]
+    dropped = failed + weighed.dropped
+    if result.average is None:
+        return RoundOutcome(dropped=dropped), result.bytes_received
+    finished = [m for m in weighed.replies if m.metadata.src_node_id not in result.failed]
+    total = sum(node_weights[m.metadata.src_node_id] for m in finished)
+    weights = {partition_of(m): node_weights[m.metadata.src_node_id] / total for m in finished}
+    current = arrays_to_numpy(arrays)
+    averaged = {key: (current[key].astype(np.float64) + result.average[key]).astype(current[key].dtype)
+                for key in current}
+    metrics = strategy.round_metrics(finished, np.array(list(weights.values())), dropped=len(weighed.dropped))
+    outcome = RoundOutcome(arrays=numpy_to_arrayrecord(strategy.apply_server_lr(averaged)), metrics=metrics,
+                           clients=list(weights), weights=weights, dropped=dropped)
+    return outcome, result.bytes_received

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from fedasr.fl.checkpoint import load_server_state
 from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
-from fedasr.fl.server_app import SUMMARY_FILE, FederatedRun, build_server_app, load_system, refuse_unless_resumable
+from fedasr.fl.evaluator import load_system
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import SUMMARY_FILE, build_server_app, check_output_folder, refuse_unless_resumable
 from fedasr.report.energy import track_energy
 from fedasr.utils.io import atomic_write_json, read_json
-from fedasr.utils.preflight import check_writable, space_for_copies
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ def resolve_run(
     if mode:
         overrides["mode"] = mode
     config = load_fl_config(hparams, overrides)
+    check_simulation_devices(config, source=str(hparams))  # before anything is read, written or started
     loaded = load_partition(partition)
     if loaded.get("mode") in ("cross-silo", "cross-device") and loaded["mode"] != config.mode:
         log.warning("partition %s was made for %s, the run is %s", loaded["path"], loaded["mode"], config.mode)
@@ -92,6 +94,40 @@ def resolve_run(
         dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=num_clients,
         resume=resume, stop_after_round=stop_after_round, assign_partitions=True,
     )
+
+
+def check_simulation_devices(config: FLConfig, source: str = "fl hparams") -> tuple[str, str]:
+    """(server device, what the clients get) of a simulated run, or DeviceError / FLConfigError when this machine
+    cannot meet the request: called before Ray starts, so a wrong device fails in seconds.
+
+    The server resolves ``device`` itself. A client trains on the GPU Ray gives it (``client_num_gpus`` > 0; Ray
+    sets its CUDA_VISIBLE_DEVICES) or on the CPU (``client_num_gpus`` 0: Ray hides the GPUs from it); so an
+    explicit cuda request needs ``client_num_gpus`` > 0, and a GPU share needs a GPU (on a local Ray)."""
+    from fedasr.utils.device import (DeviceError, check_precision, gpu_findings, parse_device, resolve_device,
+                                     visible_gpus)
+
+    server = resolve_device(config.device, what=f"{source}: device")
+    check_precision(config.precision, server, what=f"{source}: precision")
+    wants_gpu = parse_device(config.device)[0] == "cuda"
+    gpus = float(config.client_num_gpus)
+    if wants_gpu and gpus <= 0:
+        raise FLConfigError(
+            f"{source}: device is {config.device!r} but client_num_gpus is 0, so Ray would give the clients no GPU "
+            "and they would train on the CPU: set client_num_gpus (e.g. 0.25: four clients share a GPU), or "
+            "device: auto (server on the GPU, clients on the CPU)")
+    if gpus > 0 and ray_address(config) is None and not server.startswith("cuda"):
+        if config.device == "cpu" and visible_gpus() > 0:
+            raise FLConfigError(f"{source}: device is 'cpu' but client_num_gpus is {gpus}: the clients would hold "
+                                "GPU shares they do not use. Set client_num_gpus: 0, or device: cuda")
+        if visible_gpus() == 0:
+            raise DeviceError(f"{source}: client_num_gpus is {gpus} but this machine has no usable GPU for Ray to "
+                              f"share ({gpu_findings()}): set client_num_gpus: 0 (and device: cpu or auto)")
+    clients = "cpu" if gpus <= 0 or config.device == "cpu" else \
+        f"a {gpus:g} share of a GPU (cuda:0 of what Ray makes visible)"
+    if clients == "cpu":
+        check_precision(config.precision, "cpu", what=f"{source}: precision (the clients train on the CPU)")
+    log.info("devices: server %s, clients %s, precision %s", server, clients, config.precision)
+    return server, clients
 
 
 def ray_address(config: FLConfig) -> str | None:
@@ -133,7 +169,7 @@ def run_simulation_for(run: FederatedRun) -> dict:
         os.environ.setdefault(key, value)
     system = load_system(run)  # a seed that does not fit the model: CheckpointMismatchError, before any folder is made
     out = Path(run.output_dir)
-    check_writable(out, space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what="--output-dir")  # before Ray
+    check_output_folder(run, what="--output-dir")  # before Ray (the ServerApp then does not check again)
     refuse_unless_resumable(run, load_server_state(out))  # before any file of a finished run is touched
     summary_path = out / SUMMARY_FILE
     if summary_path.exists():

@@ -34,11 +34,16 @@ META_FILENAME = "meta.json"
 REQUIRED_FILES = (MODEL_FILENAME, TOKENIZER_FILENAME, HPARAMS_FILENAME, META_FILENAME)
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(Exception):
+    """A checkpoint fedasr cannot use (a model folder here, a federated run's server state in fedasr.fl.checkpoint);
+    the message names the file and the fix."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
     """A checkpoint folder that is missing or incomplete; the message says which file and how to get one."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CheckpointError, ValueError):
     """Checkpoint parts that do not belong together (weights vs YAML, tokenizer vs model); names both sides."""
 
 
@@ -78,10 +83,10 @@ def export_checkpoint(out_dir: str | os.PathLike, *, state_dict: dict, tokenizer
 def check_checkpoint(checkpoint_dir: str | os.PathLike) -> Path:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: checkpoint folder not found. Create one with `fedasr train-central`.")
+        raise CheckpointNotFoundError(f"{checkpoint_dir}: checkpoint folder not found. Create one with `fedasr train-central`.")
     missing = [f for f in REQUIRED_FILES if not (checkpoint_dir / f).exists()]
     if missing:
-        raise CheckpointError(
+        raise CheckpointNotFoundError(
             f"{checkpoint_dir}: not a complete fedasr checkpoint (missing {missing}). "
             "Use the seed_checkpoint folder written by `fedasr train-central`."
         )

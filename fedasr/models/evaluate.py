@@ -25,14 +25,17 @@ def hyps_tsv(rows: list[dict]) -> str:
 
 def evaluate_checkpoint(checkpoint_dir: str | os.PathLike, manifest: str | os.PathLike, *, decoding: str = "beam",
                         out_dir: str | os.PathLike | None = None, max_utterances: int | None = None,
-                        device: str = "cpu") -> dict:
+                        device: str = "auto", precision: str = "fp32") -> dict:
     """Decode ``manifest`` with the checkpoint; returns the report (overall + groups) and writes, in ``out_dir``:
-    ``hyps.tsv`` (one line per utterance), ``wer_report.json`` and ``wer_report.txt`` (the printed table)."""
-    system = SpeechBrainASRSystem.from_checkpoint(checkpoint_dir, device=device)
+    ``hyps.tsv`` (one line per utterance), ``wer_report.json`` and ``wer_report.txt`` (the printed table).
+
+    ``device``: auto | cpu | cuda | cuda:N (an unusable one is refused before the checkpoint is read);
+    ``precision``: decoding under autocast (fp32: none)."""
+    system = SpeechBrainASRSystem.from_checkpoint(checkpoint_dir, device=device, precision=precision)
     rows, loss = system.transcribe_manifest(manifest, decoding=decoding, max_utterances=max_utterances)
     report = error_report(rows, GROUP_COLUMNS)
     report.update(checkpoint=str(checkpoint_dir), manifest=str(manifest), decoding=decoding, loss=loss,
-                  model=system.meta.get("model"))
+                  model=system.meta.get("model"), device=system.device, precision=system.precision)
     report["table"] = format_report(report)
     if out_dir is not None:
         out_dir = Path(out_dir)

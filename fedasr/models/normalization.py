@@ -54,11 +54,12 @@ class FrozenableInputNormalization(InputNormalization):
         return not self.frozen and super()._should_update(epoch)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Buffers start empty (their size is known only after the first batch): adopt the stored shapes.
+        # Buffers start empty (their size is known only after the first batch): adopt the stored shapes, on the
+        # device the module is on (a CPU checkpoint loaded into a model already on a GPU stays on the GPU).
         for name in ("glob_mean", "glob_std"):
             key = prefix + name
             if key in state_dict and state_dict[key].shape != getattr(self, name).shape:
-                self._buffers[name] = torch.empty_like(state_dict[key])
+                self._buffers[name] = torch.empty_like(state_dict[key], device=getattr(self, name).device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def to(self, *args, **kwargs):  # the parent's to() reassigns plain attributes; buffers move by themselves

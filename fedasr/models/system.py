@@ -4,12 +4,18 @@ Built once per process from a seed checkpoint, then reused: the federated client
 ``fit`` per message. ``fit`` builds a fresh Brain and a fresh SGD optimizer per call, has no checkpointer (so it
 never recovers a checkpoint over the received weights) and never decodes. The feature-normaliser statistics are
 frozen: they travel in ``state_dict()`` but no training updates them. Torch threads are left to the caller.
+
+Device and precision (fedasr/utils/device.py): the model lives on ``device`` (resolved once: ``auto`` becomes cpu or
+cuda:0, an unusable request is a DeviceError), batches are moved there; ``state_dict()`` always returns CPU fp32
+copies, so whatever travels or is aggregated stays on the CPU. ``precision`` (fp32 | bf16 | fp16) is SpeechBrain's:
+autocast for local training (with gradient scaling at fp16) and for decoding; fp32 leaves the numbers bit-exact.
+After each ``fit`` the Brain, its optimizer state and the gradients are released (and CUDA's cache emptied), so a
+worker that trains client after client holds one model, not one per client.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import random
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ from fedasr.models.dataio import make_dataset
 from fedasr.models.hparams import build_from_text
 from fedasr.models.model import DECODING_MODES, AcousticModel, build_acoustic_model
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer
+from fedasr.utils.device import autocast, check_precision, release_gpu_memory, resolve_device
 
 
 class StateDictMismatch(ValueError):
@@ -37,16 +44,18 @@ class SpeechBrainASRSystem:
     """A recognizer: role-bound modules + frozen normaliser stats + the one global tokenizer."""
 
     def __init__(self, model: AcousticModel, tokenizer: Tokenizer, hparams: dict, *, device: str = "cpu",
-                 meta: dict | None = None):
-        self.model = model.to(device)
+                 meta: dict | None = None, precision: str = "fp32"):
+        self.device = resolve_device(device)
+        self.precision = check_precision(precision, self.device)
+        self.model = model.to(self.device)
         self.tokenizer = tokenizer
         self.hparams = hparams
-        self.device = device
         self.meta = dict(meta or {})
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, overrides: dict | None = None,
-                        device: str = "cpu") -> "SpeechBrainASRSystem":
+                        device: str = "cpu", precision: str = "fp32") -> "SpeechBrainASRSystem":
+        check_precision(precision, resolve_device(device))  # an unusable device: refused before any loading
         checkpoint_dir = check_checkpoint(checkpoint_dir)
         yaml_path = checkpoint_dir / HPARAMS_FILENAME
         experiment = build_from_text(yaml_path.read_text(encoding="utf-8"), overrides, source=yaml_path)
@@ -55,7 +64,8 @@ class SpeechBrainASRSystem:
         model.freeze_normalizer()
         model.eval()
         tokenizer = Tokenizer(checkpoint_dir / TOKENIZER_FILENAME)
-        return cls(model, tokenizer, experiment.hparams, device=device, meta=read_meta(checkpoint_dir))
+        return cls(model, tokenizer, experiment.hparams, device=device, meta=read_meta(checkpoint_dir),
+                   precision=precision)
 
     # ---- weights ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -95,14 +105,22 @@ class SpeechBrainASRSystem:
             opt_class=client_optimizer(optimizer, lr=lr, momentum=momentum),
             hparams={"tokenizer": self.tokenizer, "valid_search": None, "test_search": None,
                      "proximal_mu": float(proximal_mu), "proximal_anchor": anchor},
-            run_opts={"device": self.device, "noprogressbar": True,
+            run_opts={"device": self.device, "noprogressbar": True, "precision": self.precision,
+                      "eval_precision": self.precision,
                       "max_grad_norm": float(self.hparams.get("max_grad_norm", 5.0))},
             checkpointer=None,
         )
         brain.train_sampler = sampler  # Brain.fit calls set_epoch on it: a new order every epoch
-        brain.fit(sb.utils.epoch_loop.EpochCounter(epochs), loader, progressbar=False)
-        losses = getattr(brain, "train_losses", [])
-        self.model.eval()
+        try:
+            brain.fit(sb.utils.epoch_loop.EpochCounter(epochs), loader, progressbar=False)
+            losses = list(getattr(brain, "train_losses", []))
+        finally:
+            # What this client allocated goes now: the Brain holds the optimizer (Adam's moments: two model-sized
+            # tensors), the FedProx anchor and the gradient scaler; the gradients sit on the parameters.
+            del brain, anchor
+            self.model.zero_grad(set_to_none=True)
+            self.model.eval()
+            release_gpu_memory(self.device)
         return FitResult(train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
                          num_examples=len(dataset), seconds=time.perf_counter() - start)
 
@@ -121,8 +139,10 @@ class SpeechBrainASRSystem:
         with torch.no_grad():
             for batch in loader:
                 batch = batch.to(self.device)
-                out, hyps = decode_batch(self.model, batch, self.tokenizer, decoding)
-                loss_sum += float(batch_loss(self.model, out, batch)) * len(batch.id)
+                with autocast(self.device, self.precision):  # a no-op at fp32
+                    out, hyps = decode_batch(self.model, batch, self.tokenizer, decoding)
+                    loss = batch_loss(self.model, out, batch)
+                loss_sum += float(loss) * len(batch.id)
                 count += len(batch.id)
                 rows.extend(batch_rows(batch, hyps))
         return rows, loss_sum / max(count, 1)
@@ -148,7 +168,3 @@ def client_optimizer(name: str, *, lr: float, momentum: float = 0.0):
         return functools.partial(torch.optim.Adam, lr=lr)
     raise ValueError(f"client optimizer must be sgd or adam, got {name!r}")
 
-
-def load_system(checkpoint_dir: str | os.PathLike, overrides: dict | None = None, device: str = "cpu") -> SpeechBrainASRSystem:
-    """Shorthand for :meth:`SpeechBrainASRSystem.from_checkpoint`."""
-    return SpeechBrainASRSystem.from_checkpoint(checkpoint_dir, overrides=overrides, device=device)

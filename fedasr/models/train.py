@@ -11,6 +11,12 @@ Output folder::
     save/              tokenizer.model + CKPT+* folders (Checkpointer)
     test_hyps.txt      per-utterance test hypotheses    seed_checkpoint/ the export
     result.json        dev/test WER, epochs, seconds     energy.json      codecarbon's measurement (if installed)
+
+Device and SpeechBrain run options: ``device`` (auto | cpu | cuda | cuda:N, fedasr/utils/device.py) is resolved and
+checked before anything is read or written; ``run_opts`` are SpeechBrain's own (``precision``, ``eval_precision``,
+``grad_accumulation_factor``, ``debug``, ...: :data:`RUN_OPTIONS`), given to the Brain as SpeechBrain's
+``run_opts``; ``fedasr train-central`` reads them from the command line as SpeechBrain recipes do
+(:func:`split_run_options`). The exported seed checkpoint is fp32 whatever the precision.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from fedasr.models.hparams import Experiment, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 from fedasr.report.energy import track_energy
+from fedasr.utils.device import check_precision, resolve_device
 from fedasr.utils.io import atomic_write_json, atomic_write_text
 from fedasr.utils.preflight import check_writable, space_for_parameters
 
@@ -55,8 +62,11 @@ def global_tokenizer(hp: dict, save_folder: Path) -> Tokenizer:
 
 
 def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, device: str = "cpu",
-                progressbar: bool = False) -> ASRBrain:
-    """The Brain of a centralized run: model, Adam/Adadelta from the YAML, NewBob, Checkpointer, train log."""
+                progressbar: bool = False, run_opts: dict | None = None) -> ASRBrain:
+    """The Brain of a centralized run: model, Adam/Adadelta from the YAML, NewBob, Checkpointer, train log.
+
+    ``run_opts``: more SpeechBrain run options (precision, ...); device, progress bar and max_grad_norm (the
+    experiment YAML's) are set here."""
     hp = experiment.hparams
     model = build_acoustic_model(hp, source=f"{experiment.source} (model {experiment.model_name})")
     epoch_counter = sb.utils.epoch_loop.EpochCounter(int(hp["number_of_epochs"]))
@@ -79,15 +89,21 @@ def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, 
     }
     return ASRBrain(
         modules={"model": model}, opt_class=hp["opt_class"], hparams=brain_hparams,
-        run_opts={"device": device, "noprogressbar": not progressbar, "max_grad_norm": float(hp["max_grad_norm"])},
+        run_opts={**(run_opts or {}), "device": device, "noprogressbar": not progressbar,
+                  "max_grad_norm": float(hp["max_grad_norm"])},
         checkpointer=checkpointer,
     )
 
 
 def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] | str | dict | None = None, *,
-                  device: str = "cpu", progressbar: bool = False) -> dict:
-    """Train, test and export a seed checkpoint; returns the summary also written to ``result.json``."""
+                  device: str = "auto", progressbar: bool = False, run_opts: dict | None = None) -> dict:
+    """Train, test and export a seed checkpoint; returns the summary also written to ``result.json``.
+
+    ``device``: auto | cpu | cuda | cuda:N (auto: a GPU when torch sees one); ``run_opts``: SpeechBrain run options
+    (see :data:`RUN_OPTIONS`), e.g. ``{"precision": "bf16"}``. Both are checked before any file is written."""
     start = time.perf_counter()
+    device = resolve_device(device, what="train-central device")
+    run_opts = check_run_options(run_opts, device)
     experiment = load_experiment(experiment_file, overrides)
     hp = experiment.hparams
     out_dir = Path(hp["output_folder"])
@@ -103,7 +119,7 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
                             max_utterances=hp["dev_max_utterances"] if split == "dev" else None)
         for split in ("train", "dev", "test")
     }
-    brain = build_brain(experiment, tokenizer, out_dir, device=device, progressbar=progressbar)
+    brain = build_brain(experiment, tokenizer, out_dir, device=device, progressbar=progressbar, run_opts=run_opts)
     loader = {"batch_size": int(hp["batch_size"]), "shuffle": hp["sorting"] == "random"}
     eval_loader = {"batch_size": int(hp["eval_batch_size"])}
     with track_energy(out_dir):  # energy.json, when codecarbon is installed
@@ -137,6 +153,84 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
                                    tokenizer_path=tokenizer.model_path, resolved_yaml=experiment.resolved_yaml,
                                    meta=meta)
     result = {**meta, "seed_checkpoint": str(export_dir), "output_folder": str(out_dir),
-              "seconds": round(time.perf_counter() - start, 1)}
+              "seconds": round(time.perf_counter() - start, 1), "device": device,
+              "precision": run_opts.get("precision", "fp32")}
     atomic_write_json(out_dir / "result.json", result)
     return result
+
+
+# ---- SpeechBrain's run options ------------------------------------------------------------------------------------
+# The options of speechbrain.utils.run_opts.RunOptions that fedasr passes to the Brain, as SpeechBrain recipes take
+# them on the command line (--device=cuda:0 --precision=bf16 --noprogressbar). Left out: max_grad_norm (a key of
+# the experiment YAML: --max_grad_norm=N overrides it), test_only (use `fedasr evaluate`), the multi-GPU launchers
+# (data_parallel_backend, distributed_backend: train-central is one process on one device), param_file (the HPARAMS
+# argument) and log_config.
+UNSUPPORTED_RUN_OPTIONS = {
+    "test_only": "train-central trains; decode a checkpoint with `fedasr evaluate`",
+    "data_parallel_backend": "train-central runs on one device",
+    "distributed_backend": "train-central runs on one device",
+    "find_unused_parameters": "train-central runs on one device",
+}
+_NOT_RUN_OPTIONS = {"max_grad_norm", "param_file", "log_config", "overridden_args", "tqdm_barcolor",
+                    "distributed_launch", "data_parallel_count", "jit_module_keys", "compile_module_keys"}
+
+
+def _run_option_defaults() -> dict:
+    import dataclasses
+
+    from speechbrain.utils.run_opts import HELP_TEXTS, RunOptions
+
+    return {f.name: getattr(RunOptions(), f.name) for f in dataclasses.fields(RunOptions)
+            if f.name in HELP_TEXTS and f.name not in _NOT_RUN_OPTIONS}
+
+
+def run_options_parser():
+    """An argparse parser of SpeechBrain's run options (flags stay flags, typed values keep SpeechBrain's type)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for name, default in _run_option_defaults().items():
+        if name == "device":
+            parser.add_argument("--device", default=argparse.SUPPRESS)
+        elif default is False:
+            parser.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS)
+        elif "precision" in name:
+            parser.add_argument(f"--{name}", choices=["fp32", "fp16", "bf16"], default=argparse.SUPPRESS)
+        else:
+            kind = type(default) if default is not None else int
+            parser.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS)
+    return parser
+
+
+def split_run_options(args: Sequence[str]) -> tuple[dict, list[str]]:
+    """SpeechBrain's run options among command-line arguments -> (run options given, the rest: hparams overrides).
+
+    ``["--device=cuda:0", "--precision=bf16", "--noprogressbar", "--lr=0.5"]`` ->
+    ``({"device": "cuda:0", "precision": "bf16", "noprogressbar": True}, ["--lr=0.5"])``. A bad value of a run
+    option (``--precision=fp8``) is a ValueError naming the choices."""
+    import argparse
+
+    parser = run_options_parser()
+    parser.exit_on_error = False
+    try:
+        given, rest = parser.parse_known_args(list(args))
+    except argparse.ArgumentError as err:
+        raise ValueError(f"SpeechBrain run option: {err}") from None
+    return vars(given), rest
+
+
+def check_run_options(run_opts: dict | None, device: str) -> dict:
+    """Validated SpeechBrain run options for a Brain on the resolved ``device`` (device itself is not one here)."""
+    run_opts = dict(run_opts or {})
+    run_opts.pop("device", None)
+    known = _run_option_defaults()
+    for name in run_opts:
+        if name in UNSUPPORTED_RUN_OPTIONS:
+            raise ValueError(f"SpeechBrain run option --{name} is not supported by train-central: "
+                             f"{UNSUPPORTED_RUN_OPTIONS[name]}")
+        if name not in known:
+            raise ValueError(f"{name!r} is not a SpeechBrain run option fedasr passes on (known: {sorted(known)})")
+    for name in ("precision", "eval_precision"):
+        if name in run_opts:
+            run_opts[name] = check_precision(run_opts[name], device, what=f"--{name}")
+    return run_opts

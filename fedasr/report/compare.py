@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedasr.experiment import read_run_id
-from fedasr.fl.metrics_log import METRICS_FILE, MetricsFileError, read_metrics_rows
+from fedasr.fl.metrics_log import METRICS_FILE, MetricsFileError, MetricsRow, read_metrics_rows
 from fedasr.report.energy import co2_kg, device_profile, energy_kwh, grid_intensity, measured_kwh
 from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text, read_json
 
@@ -104,7 +104,7 @@ def _central_dev_curve(train_log: Path) -> list[tuple[int, float]]:
     return curve
 
 
-def read_run_rows(path: Path) -> list[dict]:
+def read_run_rows(path: Path) -> list[MetricsRow]:
     """The rows of a run's metrics.jsonl; a damaged or empty file is a RunFolderError naming it."""
     try:
         rows = read_metrics_rows(path)
@@ -148,7 +148,7 @@ def load_federated_run(folder: Path) -> RunRecord:
     )
 
 
-def federated_test_wer(folder: Path, rows: list[dict]) -> float | None:
+def federated_test_wer(folder: Path, rows: list[MetricsRow]) -> float | None:
     """Test WER of the model chosen by dev WER (summary.json's best_test_wer, as a centralized run reports its best
     epoch's); runs recorded before it: the last tested round's."""
     summary_path = folder / "summary.json"

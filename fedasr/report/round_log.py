@@ -14,13 +14,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from fedasr.fl.metrics_log import MetricsRow
 from fedasr.utils.io import atomic_write_text
 
 TRAIN_LOG_FILE = "train_log.txt"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def round_stats(row: dict) -> tuple[dict, dict, dict, dict]:
+def round_stats(row: MetricsRow) -> tuple[dict, dict, dict, dict]:
     """(meta, train, valid, test) stats of one metrics.jsonl row, in SpeechBrain's logging shape."""
     meta = {"round": int(row["round"]), "lr": float(row.get("lr", 0.0))}
     train = {"loss": float(row["train_loss"])} if row.get("train_loss") is not None else {}
@@ -31,7 +32,7 @@ def round_stats(row: dict) -> tuple[dict, dict, dict, dict]:
     return meta, train, valid, test
 
 
-def write_round_logs(run_dir: str | os.PathLike, rows: list[dict]) -> dict:
+def write_round_logs(run_dir: str | os.PathLike, rows: list[MetricsRow]) -> dict:
     """Rewrite ``train_log.txt`` (and TensorBoard events when available) in ``run_dir`` from ``rows``."""
     from speechbrain.utils.train_logger import FileTrainLogger
 
@@ -49,7 +50,7 @@ def write_round_logs(run_dir: str | os.PathLike, rows: list[dict]) -> dict:
     return written
 
 
-def write_tensorboard(folder: Path, rows: list[dict]) -> Path:
+def write_tensorboard(folder: Path, rows: list[MetricsRow]) -> Path:
     """Fresh event files (the folder is replaced) with one step per round."""
     from speechbrain.utils.train_logger import TensorboardLogger
 

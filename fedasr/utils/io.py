@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = True, **kwargs: Any) -> Iterator[IO]:
     """Open a temporary file beside ``path``; on success it is renamed over ``path`` (atomic on POSIX).
@@ -20,6 +27,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, durable: bool = Tru
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; results are shared as open() would share them
     os.close(fd)
     try:
         with open(tmp, mode, **kwargs) as handle:

@@ -34,7 +34,8 @@ ENVELOPE_BYTES_PER_ARRAY, ENVELOPE_BYTES = 1024, 8 * 1024
 def client_reply(cross_silo_partition, central_seed_checkpoint, prepared_manifests):
     """(global arrays sent, reply Message, the bytes a SuperNode would upload) for one round of silo 0."""
     from fedasr.fl.client_app import app
-    from fedasr.fl.server_app import GlobalModelEvaluator, load_system, run_from_run_config
+    from fedasr.fl.evaluator import GlobalModelEvaluator, load_system
+    from fedasr.fl.run import run_from_run_config
 
     run = run_from_run_config({
         "hparams": str(REPO / "hparams/fl/cross_silo.yaml"), "partition": str(cross_silo_partition),

@@ -131,3 +131,34 @@ def set_task_identity(monkeypatch) -> None:
 
     for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, name, value, raising=False)
+
+
+class InProcessGrid:
+    """SecAgg+ in one process (tests, bench/secure_aggregation_bench.py): routes each message to its node's client
+    chain (secure_aggregation_mod -> Flower's secaggplus_mod -> weighted_update_reply) with the node's own Context,
+    as a Grid and a SuperNode would; an exception becomes an error reply, as Flower makes of a failing ClientApp.
+    ``contexts``: node id -> Context holding the update (see fedasr.fl.secure.keep_update). Messages get Flower's
+    task identity from the caller (see set_task_identity)."""
+
+    def __init__(self, contexts) -> None:
+        self.contexts = contexts
+
+    def deliver(self, message: Message) -> Message:
+        from fedasr.fl.secure import secure_aggregation_mod, weighted_update_reply
+
+        return secure_aggregation_mod(message, self.contexts[message.metadata.dst_node_id], weighted_update_reply)
+
+    def send_and_receive(self, messages, timeout=None):
+        import copy
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            message = copy.deepcopy(message)  # a transport delivers each node its own copy (the mod edits it)
+            try:
+                answer = self.deliver(message)
+            except Exception as err:  # noqa: BLE001 - any ClientApp failure is an error reply
+                answer = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+            answer.metadata.__dict__["_src_node_id"] = node  # Flower's transport stamps the sender
+            replies.append(answer)
+        return replies

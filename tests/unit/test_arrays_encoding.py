@@ -17,7 +17,8 @@ from fedasr.fl.arrays import (
     numpy_to_arrayrecord,
 )
 from fedasr.fl.config import FLConfigError, config_from_dict
-from fedasr.fl.server_app import FederatedRun, run_server
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import run_server
 from fl_fakes import FakeASR, FakeGrid, reply
 
 RNG = np.random.default_rng(0)

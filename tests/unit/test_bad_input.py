@@ -249,7 +249,7 @@ def test_cli_yaml_key_typo_exits_2(tmp_path, capsys):
 
 PIPELINE_YAML_CASES = {  # case: (text in hparams/pipeline/demo.yaml, its replacement, what the message must hold)
     "top-level typo": ("\nevaluation:", "\nevalution:", ["['evalution']", "'evalution' -> 'evaluation'"]),
-    "nested typo": ("  warmup_speakers: 8 ", "  warmup_speaker: 8 ",
+    "nested typo": ("  warmup_speakers: 12 ", "  warmup_speaker: 12 ",
                     ["['partition.warmup_speaker']", "'warmup_speaker' -> 'warmup_speakers'", "valid_fraction"]),
     "corpus option typo": ("  speakers: 40", "  speakrs: 40", ["['corpus.speakrs']", "'speakrs' -> 'speakers'"]),
     "compare option typo": ("  profile: v100", "  profle: v100", ["['compare.profle']", "'profle' -> 'profile'"]),
@@ -261,11 +261,12 @@ PIPELINE_YAML_CASES = {  # case: (text in hparams/pipeline/demo.yaml, its replac
                            "    clients_per_round: 8\n    evaluation:\n      server_wer_utterance:",
                            ["cross_device.set", "['evaluation.server_wer_utterance']",
                             "'server_wer_utterance' -> 'server_wer_utterances'"]),
-    "integer as text": ("  warmup_speakers: 8 ", "  warmup_speakers: eight ",
+    "integer as text": ("  warmup_speakers: 12 ", "  warmup_speakers: eight ",
                         ["partition.warmup_speakers must be an integer, got 'eight'"]),
     "mapping as a number": ("\npartition:", "\npartition: 3\npartition_was:", ["['partition_was']"]),
     "experiment number as text": ("  number_of_epochs: 12", "  number_of_epochs: twelve",
                                   ["central.number_of_epochs must be a number or null, got 'twelve'"]),
+    "unknown silo skew": ("  skew: none ", "  skew: acent ", ["partition.skew='acent'", "'accent'"]),
     "unknown decoding": ("  decoding: beam", "  decoding: bem", ["evaluation.decoding must be one of", "'bem'"]),
 }
 

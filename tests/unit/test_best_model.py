@@ -9,7 +9,8 @@ from flwr.app import MetricRecord
 
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
 from fedasr.fl.config import config_from_dict
-from fedasr.fl.server_app import FederatedRun, run_server
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import run_server
 from fedasr.report.compare import load_federated_run
 from fl_fakes import TARGET, FakeASR, FakeGrid
 

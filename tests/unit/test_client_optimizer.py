@@ -7,7 +7,7 @@ import torch
 
 from fedasr.demo import fit_to_partition
 from fedasr.fl.config import FLConfigError, load_fl_config
-from fedasr.fl.server_app import FederatedRun
+from fedasr.fl.run import FederatedRun
 from fedasr.models.system import client_optimizer
 
 

@@ -15,8 +15,11 @@ from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord, state_to_arr
 from fedasr.fl.checkpoint import load_server_state
 from fedasr.fl.config import FLConfigError, config_from_dict
 from fedasr.fl.faults import Faults, InjectedCrash, draw_faults
-from fedasr.fl.server_app import FederatedRun, TooManyFailedRoundsError, run_server
+from fedasr.fl.round import TooManyFailedRoundsError
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import run_server
 from fedasr.fl.strategies import build_strategy
+from fedasr.fl.strategies.base import vet_and_aggregate
 from fedasr.fl.strategies.replies import array_spec, missing_replies, short_error, usable_replies, why_unusable
 from fl_fakes import FakeASR, FakeGrid, reply, set_task_identity
 
@@ -54,11 +57,11 @@ def test_every_strategy_drops_a_wrongly_shaped_reply_and_averages_the_rest(name,
     strategy = build_strategy(name, {}, num_clients=3)
     list(strategy.configure_train(1, numpy_to_arrayrecord(GLOBAL), ConfigRecord({"lr": 0.1}), FakeGrid(3, None)))
     misfit = client_reply(1, MISFITS["other shape"][0])
-    arrays, _ = strategy.aggregate_train(1, [client_reply(0), misfit, client_reply(2)])
-    values = arrays_to_numpy(arrays)
+    outcome = vet_and_aggregate(strategy, 1, [client_reply(0), misfit, client_reply(2)])
+    values = arrays_to_numpy(outcome.arrays)
     assert values["w"].shape == (2, 2) and np.isfinite(values["w"]).all() and (values["w"] > 0).all()
-    assert [pid for pid, _ in strategy.last_dropped] == [1] and "shape" in strategy.last_dropped[0][1]
-    assert strategy.last_clients == [0, 2]
+    assert [pid for pid, _ in outcome.dropped] == [1] and "shape" in outcome.dropped[0][1]
+    assert outcome.clients == [0, 2]
 
 
 def test_error_replies_are_dropped_and_missing_replies_are_named_by_node(monkeypatch):

@@ -16,13 +16,12 @@ from fedasr.fl.checkpoint import (
     ServerState,
     checkpoint_path,
     load_server_state,
-    load_strategy_state,
     save_server_state,
-    strategy_state,
 )
 from fedasr.fl.arrays import numpy_to_arrayrecord
 from fedasr.fl.config import config_from_dict
-from fedasr.fl.server_app import FederatedRun, run_server
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import run_server
 from fedasr.fl.strategies import build_strategy
 from fl_fakes import FakeASR, FakeGrid
 
@@ -83,9 +82,9 @@ def test_flower_optimizer_state_round_trips(name, tmp_path):
         strategy.current_arrays, strategy.m_t, strategy.v_t = arrays, {"w": np.full(3, 0.1)}, {"w": np.full(3, 0.2)}
     else:
         strategy.current_arrays, strategy.momentum_vector = numpy_to_arrayrecord(arrays), [np.full(3, 0.3)]
-    save_server_state(tmp_path, ServerState(round=1, arrays=arrays, strategy=strategy_state(strategy)))
+    save_server_state(tmp_path, ServerState(round=1, arrays=arrays, strategy=strategy.state_dict()))
     fresh = build_strategy(name, {"server_momentum": 0.9} if name == "fedavgm" else {}, num_clients=2)
-    load_strategy_state(fresh, load_server_state(tmp_path).strategy)
+    fresh.load_state_dict(load_server_state(tmp_path).strategy)
     if name == "fedadam":
         assert np.array_equal(fresh.v_t["w"], strategy.v_t["w"])
     else:
@@ -165,3 +164,14 @@ def test_client_partition_errors_name_the_fix(fake_clients):
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 3, "partition": "/silo/own.json"},
                       state=RecordDict(), run_config={})
     assert client_app.node_partition(context, {"partition": "p.json"}) == ("/silo/own.json", 3)
+
+
+def test_an_older_strategy_state_loads_and_one_of_another_strategy_is_refused(tmp_path):
+    from fedasr.fl.checkpoint import restore_strategy_state
+
+    # Checkpoints written before strategies declared their state hold MetricSoftmax's current_arrays: not needed.
+    softmax = build_strategy("wer-softmax", {}, num_clients=2)
+    softmax.load_state_dict({"current_arrays": {"kind": "plain", "value": {"w": np.ones(3, np.float32)}}})
+    foreign = ServerState(round=1, arrays={}, strategy={"momentum_vector": {"kind": "plain", "value": [np.ones(3)]}})
+    with pytest.raises(CheckpointError, match="server_state.pt: the strategy state does not fit.*momentum_vector"):
+        restore_strategy_state(build_strategy("fedadam", {}, num_clients=2), foreign, checkpoint_path(tmp_path))

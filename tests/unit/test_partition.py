@@ -6,6 +6,7 @@ import csv
 import json
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,13 @@ from fedasr.data.manifest import Utterance, manifest_path, read_manifest, write_
 from fedasr.data.partition import (
     PartitionError,
     PartitionNotFoundError,
+    assign_silos,
     balance_silos,
     load_partition,
     partition_manifest,
     plan_partition,
     read_client_manifests,
+    size_shares,
 )
 
 MODES = ("cross-silo", "cross-device", "iid")
@@ -276,3 +279,178 @@ def test_fixture_partitions_point_at_real_clips(cross_silo_partition, cross_devi
     assert len(device["clients"]) >= 4
     train, valid = read_client_manifests(device, 0)
     assert Path(train[0].wav).exists() and Path(valid[0].wav).exists()
+
+
+# ---------------------------------------------------------------------------------------------- non-IID silos
+
+ACCENTS = ("fr-fr", "fr-fr", "fr-fr", "fr-be", "fr-ch")  # speaker s has ACCENTS[s % 5]: 60 / 20 / 20 %
+
+
+def make_grouped_utterances(n_speakers: int, seed: int = 0) -> list[Utterance]:
+    """make_utterances with an accent (60/20/20 %) and a gender (alternating) per speaker."""
+    return [
+        replace(u, accents=ACCENTS[int(u.spk_id, 16) % 5],
+                gender=("male_masculine", "female_feminine")[int(u.spk_id, 16) % 2])
+        for u in make_utterances(n_speakers, seed=seed)
+    ]
+
+
+@pytest.fixture(scope="module")
+def grouped_manifest_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("grouped")
+    write_manifest(manifest_path(folder, "train"), make_grouped_utterances(200, seed=2))
+    return folder
+
+
+def speaker_numbers(client) -> list[int]:
+    return [int(spk, 16) for spk in client.speakers]
+
+
+def test_default_options_keep_the_partition_of_earlier_versions(tmp_path):
+    # plan_partition(make_utterances(80, seed=4), mode="cross-silo", clients=5, warmup_speakers=6, seed=3) before
+    # the non-IID options existed.
+    utterances = make_utterances(80, seed=4)
+    plan = plan_partition(utterances, mode="cross-silo", clients=5, warmup_speakers=6, seed=3,
+                          silo_sizes="equal", skew="none")
+    assert [speaker_numbers(c) for c in plan.clients] == [
+        [1, 4, 15, 17, 19, 22, 25, 26, 28, 36, 38, 39, 59, 66, 74],
+        [3, 7, 20, 32, 41, 42, 46, 48, 50, 52, 53, 61, 67, 76, 79],
+        [6, 10, 12, 27, 29, 45, 57, 60, 64, 69, 70, 71, 75, 77],
+        [5, 13, 24, 30, 33, 37, 40, 43, 44, 51, 54, 56, 72, 73, 78],
+        [2, 8, 9, 11, 14, 16, 18, 21, 31, 47, 55, 58, 62, 65, 68],
+    ]
+    assert [len(c.train) for c in plan.clients] == [155, 154, 159, 157, 150]
+    assert sorted(int(s, 16) for s in plan.warmup_speakers) == [0, 23, 34, 35, 49, 63]
+    iid = plan_partition(utterances, mode="iid", clients=5, warmup_speakers=6, seed=3, silo_sizes="equal")
+    assert [len(c.train) + len(c.valid) for c in iid.clients] == [173, 172, 172, 172, 172]
+    # partition.json gains no key: the files of earlier versions stay byte-identical.
+    write_manifest(manifest_path(tmp_path / "m", "train"), utterances)
+    partition = partition_manifest(tmp_path / "m", tmp_path / "p", mode="cross-silo", clients=5, warmup_speakers=6,
+                                   seed=3, silo_sizes="equal", skew="none")["partition"]
+    assert sorted(partition["options"]) == ["clients", "min_utterances", "valid_fraction", "warmup_speakers"]
+    assert sorted(partition["clients"][0]) == ["hours", "id", "speakers", "train", "utterances", "valid",
+                                               "valid_hours", "valid_utterances"]
+    assert "share" not in partition["stats"] and "sizes" not in partition_manifest(
+        tmp_path / "m", tmp_path / "p", mode="cross-silo", clients=5, warmup_speakers=6, seed=3)["summary_table"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_skewed_silo_sizes_are_unequal_and_no_silo_is_empty(seed):
+    utterances = make_utterances(300, seed=seed)
+    plan = plan_partition(utterances, mode="cross-silo", clients=6, warmup_speakers=20, seed=seed,
+                          silo_sizes="skewed")
+    hours = sorted(sum(utterances[r].duration for r in c.train + c.valid) for c in plan.clients)
+    assert len(hours) == 6 and all(c.speakers for c in plan.clients)
+    assert hours[-1] / hours[0] > 4, "Zipf shares 1 .. 1/6: the largest silo about 6 times the smallest"
+    # Shares close to the Zipf targets: the largest silo holds about 1 / (1 + 1/2 + ... + 1/6) = 41 % of the hours.
+    assert 0.36 < hours[-1] / sum(hours) < 0.46
+    placed = sorted(spk for c in plan.clients for spk in c.speakers)
+    assert len(placed) == len(set(placed)) == 280
+    # Few speakers and a steep exponent: every silo still keeps one speaker.
+    few = make_utterances(12, seed=seed, min_utts=3)
+    tight = plan_partition(few, mode="cross-silo", clients=10, warmup_speakers=2, seed=seed, silo_sizes="skewed",
+                           size_exponent=3.0)
+    assert len(tight.clients) == 10 and all(len(c.speakers) == 1 for c in tight.clients)
+
+
+def test_assign_silos_never_leaves_a_silo_empty():
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        n = int(rng.integers(3, 12))
+        hours = {f"s{i}": float(rng.choice([0.5, 1.0, 5.0, 20.0])) for i in range(n)}
+        groups = {spk: str(rng.choice(["x", "y", "z"], p=[0.6, 0.3, 0.1])) for spk in hours}
+        silos = int(rng.integers(1, n + 1))
+        for targets in (None, size_shares(silos, 2.0, seed)):
+            for skew in (None, groups):
+                members = assign_silos(hours, silos, seed, targets=targets, groups=skew,
+                                       skew_share=float(rng.choice([0.3, 0.5, 0.8, 1.0])))
+                assert all(members) and sorted(s for m in members for s in m) == sorted(hours), (seed, members)
+
+
+def test_skewed_iid_clients_are_unequal():
+    utterances = make_utterances(100, seed=3)
+    plan = plan_partition(utterances, mode="iid", clients=4, warmup_speakers=10, seed=0, silo_sizes="skewed")
+    sizes = sorted(len(c.train) + len(c.valid) for c in plan.clients)
+    assert sizes[-1] / sizes[0] > 3 and sizes[0] >= 2
+    rows = [r for c in plan.clients for r in c.train + c.valid]
+    assert len(rows) == len(set(rows)) == len(utterances) - len(plan.warmup_rows)
+
+
+@pytest.mark.parametrize("skew_share, floor", [(0.8, 0.6), (1.0, 1.0)])
+def test_accent_skew_puts_most_of_each_silo_in_one_group(skew_share, floor):
+    utterances = make_grouped_utterances(300, seed=1)
+    accent_of = {u.spk_id: u.accents for u in utterances}
+    plan = plan_partition(utterances, mode="cross-silo", clients=5, warmup_speakers=20, seed=0, skew="accent",
+                          skew_share=skew_share)
+    dominant = []
+    for client in plan.clients:
+        counts = Counter(accent_of[spk] for spk in client.speakers)
+        group, count = counts.most_common(1)[0]
+        assert count / len(client.speakers) >= floor, (counts, skew_share)
+        dominant.append(group)
+    # fr-fr (60 % of the speakers) dominates 3 of the 5 silos, fr-be and fr-ch one each.
+    assert Counter(dominant) == {"fr-fr": 3, "fr-be": 1, "fr-ch": 1}
+    placed = [spk for c in plan.clients for spk in c.speakers]
+    assert len(placed) == len(set(placed)) == 280
+    assert plan.speaker_groups == {spk: accent_of[spk] for spk in placed}
+    # Without the skew the same silos mix the accents: fr-be never dominates.
+    mixed = plan_partition(utterances, mode="cross-silo", clients=5, warmup_speakers=20, seed=0)
+    assert all(Counter(accent_of[s] for s in c.speakers).most_common(1)[0][0] == "fr-fr" for c in mixed.clients)
+
+
+def test_gender_skew_with_skewed_sizes_shows_in_the_partition_and_summary(grouped_manifest_dir, tmp_path):
+    result = run(grouped_manifest_dir, tmp_path, mode="cross-silo", clients=4, skew="gender", silo_sizes="skewed")
+    partition = json.loads((tmp_path / "partition.json").read_text())
+    assert partition == result["partition"]
+    assert partition["options"]["skew"] == "gender" and partition["options"]["silo_sizes"] == "skewed"
+    clients = partition["clients"]
+    assert len(clients) == 4 and all(c["speakers"] for c in clients)
+    assert {c["group"] for c in clients} == {"male_masculine", "female_feminine"}
+    assert all(c["group_share"] > 0.5 for c in clients)
+    assert abs(sum(c["share"] for c in clients) - 1) < 1e-3 and max(c["share"] for c in clients) > 0.35
+    for c in clients:
+        assert sum(c["groups"].values()) == len(c["speakers"])
+    stats = partition["stats"]
+    assert stats["group_share"]["min"] == min(c["group_share"] for c in clients)
+    assert sum(stats["dominant_groups"].values()) == 4
+    table = result["summary_table"]
+    assert "skew     : by gender (column 'gender')" in table and "dominant group" in table
+    assert "sizes    : skewed (Zipf exponent 1)" in table
+    for c in clients:
+        assert f"{c['group']} ({c['group_share']:.2f};" in table
+    # The options are part of the fingerprint: the same folder with the skew dropped is redone.
+    again = run(grouped_manifest_dir, tmp_path, mode="cross-silo", clients=4)
+    assert not again["skipped"] and "skew" not in again["partition"]["options"]
+
+
+def test_non_iid_options_are_checked(grouped_manifest_dir, manifest_dir, tmp_path):
+    cases = [
+        ({"mode": "cross-device", "silo_sizes": "skewed"}, r"silo_sizes='skewed' applies to --mode cross-silo or iid"),
+        ({"mode": "iid", "skew": "accent"}, r"skew='accent' applies to --mode cross-silo only"),
+        ({"mode": "cross-silo", "silo_sizes": "zipf"}, r"silo_sizes='zipf': choose one of \['equal', 'skewed'\]"),
+        ({"mode": "cross-silo", "skew": "age"}, r"skew='age': choose one of \['none', 'accent', 'gender'\]"),
+        ({"mode": "cross-silo", "silo_sizes": "skewed", "size_exponent": 0},
+         r"size_exponent=0.0: must be in \(0, 10\]"),
+        ({"mode": "cross-silo", "skew": "gender", "skew_share": 1.5}, r"skew_share=1.5: must be in \(0, 1\]"),
+    ]
+    for options, message in cases:
+        with pytest.raises(PartitionError, match=message):
+            run(grouped_manifest_dir, tmp_path, **options)
+    # A manifest without accents cannot be skewed by accent.
+    with pytest.raises(PartitionError, match=r"'accents' column gives all 280 client speakers the same value"):
+        run(manifest_dir, tmp_path, mode="cross-silo", skew="accent")
+    assert not (tmp_path / "partition.json").exists()
+
+
+def test_cli_non_iid_options(grouped_manifest_dir, tmp_path, capsys):
+    argv = ["partition", str(grouped_manifest_dir), str(tmp_path), "--mode", "cross-silo", "--clients", "5",
+            "--warmup-speakers", "20", "--skew", "accent", "--skew-share", "1", "--silo-sizes", "skewed",
+            "--size-exponent", "0.5"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skew     : by accent" in out and "Zipf exponent 0.5" in out
+    options = load_partition(tmp_path)["options"]
+    assert (options["skew"], options["skew_share"], options["silo_sizes"], options["size_exponent"]) == (
+        "accent", 1.0, "skewed", 0.5)
+    assert cli_main(["partition", str(grouped_manifest_dir), str(tmp_path), "--mode", "iid", "--skew", "gender"]) == 2
+    assert "skew='gender' applies to --mode cross-silo only" in capsys.readouterr().err

@@ -12,7 +12,9 @@ import torch
 
 from fedasr.fl import client_app
 from fedasr.fl.config import config_from_dict
-from fedasr.fl.server_app import FederatedRun, round_rng_seed, run_server
+from fedasr.fl.protocol import sampling_seed
+from fedasr.fl.run import FederatedRun
+from fedasr.fl.server_app import run_server
 from fl_fakes import FakeASR, FakeGrid
 
 CLIENTS = 10
@@ -44,7 +46,7 @@ def test_sampled_clients_come_from_seed_and_round_not_from_node_ids(tmp_path, fa
     first, second = grid(1), grid(2)  # two starts of the simulation: other node ids
     run_server(first, cross_device_run(tmp_path / "a"), FakeASR())
     run_server(second, cross_device_run(tmp_path / "b"), FakeASR())
-    expected = [sorted(random.Random(round_rng_seed(7, r)).sample(range(CLIENTS), 3)) for r in range(1, 5)]
+    expected = [sorted(random.Random(sampling_seed(7, r)).sample(range(CLIENTS), 3)) for r in range(1, 5)]
     assert first.rounds_sent == second.rounds_sent == expected
     assert [r["clients"] for r in rows_of(tmp_path / "a")[1:]] == expected
 

@@ -113,13 +113,14 @@ def _dp(noise: float, clip: float = 1.0, m: int = 4, n: int = 8) -> ClientLevelD
 def test_without_noise_the_aggregate_is_the_clipped_mean_over_the_expected_clients():
     dp = _dp(noise=0.0, clip=1.0, m=4)
     # 3 of the 4 sampled clients reply; client 2's update (norm 100 * sqrt(20000)) is clipped to 1.
-    arrays, metrics = dp.aggregate_train(1, _replies({0: 0.001, 1: 0.002, 2: 100.0}))
+    outcome = dp.aggregate_round(1, _replies({0: 0.001, 1: 0.002, 2: 100.0}))
+    arrays, metrics = outcome.arrays, outcome.metrics
     got = arrays_to_numpy(arrays)
     clipped_2 = 1.0 / math.sqrt(20_000)
     np.testing.assert_allclose(got["w"], (0.001 + 0.002 + clipped_2) / 4, rtol=1e-5)  # divided by m = 4, not 3
     np.testing.assert_array_equal(got["roles.normalize.glob_mean"], START["roles.normalize.glob_mean"])  # frozen
-    assert dp.last_weights == {0: 0.25, 1: 0.25, 2: 0.25}  # uniform, whatever the example counts
-    assert dp.last_report["dp_clipped_fraction"] == pytest.approx(1 / 3)
+    assert outcome.weights == {0: 0.25, 1: 0.25, 2: 0.25}  # uniform, whatever the example counts
+    assert outcome.report["dp_clipped_fraction"] == pytest.approx(1 / 3)
     assert metrics["num-clients"] == 3
 
 
@@ -223,7 +224,7 @@ def test_dp_epsilon_command_prints_the_accountant_value(capsys):
 
 def _dp_run(tmp_path, monkeypatch, **extra):
     from fedasr.fl import client_app
-    from fedasr.fl.server_app import FederatedRun
+    from fedasr.fl.run import FederatedRun
 
     set_task_identity(monkeypatch)
     clients = tuple({"train": f"client-{i}/train.csv", "valid": f"client-{i}/valid.csv"} for i in range(12))

@@ -12,10 +12,10 @@ from flwr.app import Context, MetricRecord, RecordDict
 
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
 from fedasr.fl.config import SecureAggregation
-from fedasr.fl.secure import InProcessGrid, keep_update, secure_weighted_average
+from fedasr.fl.secure import keep_update, secure_weighted_average
 from fedasr.fl.strategies.metric_softmax import softmax_weights
 from fedasr.fl.strategies import build_strategy
-from fl_fakes import reply, set_task_identity
+from fl_fakes import InProcessGrid, reply, set_task_identity
 
 REPO = Path(__file__).resolve().parents[2]
 RNG = np.random.default_rng(3)

@@ -9,7 +9,7 @@ import pytest
 from fedasr import cli
 from fedasr.fl import simulation
 from fedasr.fl.config import config_from_dict
-from fedasr.fl.server_app import FederatedRun
+from fedasr.fl.run import FederatedRun
 
 
 def engine_crash(**kwargs):

@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
 from fedasr.fl.strategies import UnknownStrategyError, build_strategy, mixed_weights, softmax_weights
+from fedasr.fl.strategies.base import vet_and_aggregate
 from fl_fakes import FakeGrid, reply, set_task_identity
 
 
@@ -20,9 +21,10 @@ def client_reply(partition_id, value, *, examples=10, wer=0.5, loss=1.0, node=No
 
 
 def aggregate(strategy, replies, current=0.0):
+    """(new arrays as numpy or None, train metrics, the strategy's RoundOutcome) of one round of ``replies``."""
     strategy.current_arrays = {"w": np.full((2, 2), current, dtype=np.float32), "frozen": np.array([3.0, 4.0], dtype=np.float32)}
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    return (None if arrays is None else arrays_to_numpy(arrays)), metrics
+    outcome = vet_and_aggregate(strategy, 1, replies)
+    return (None if outcome.arrays is None else arrays_to_numpy(outcome.arrays)), outcome.metrics, outcome
 
 
 def test_softmax_weights_match_the_formula():
@@ -55,32 +57,32 @@ def test_mix_blends_softmax_with_example_weights():
 def test_wer_softmax_aggregate_uses_client_wer_and_keeps_frozen_stats():
     strategy = build_strategy("wer-softmax", {"temperature": 0.5}, num_clients=3)
     replies = [client_reply(2, 3.0, wer=0.9), client_reply(0, 1.0, wer=0.1), client_reply(1, 2.0, wer=0.4)]
-    arrays, metrics = aggregate(strategy, replies)
+    arrays, metrics, outcome = aggregate(strategy, replies)
     w = softmax_weights(1 - np.array([0.1, 0.4, 0.9]), 0.5)  # partition order 0, 1, 2
     np.testing.assert_allclose(arrays["w"], np.full((2, 2), w @ [1.0, 2.0, 3.0]), rtol=1e-6)
     assert np.array_equal(arrays["frozen"], [3.0, 4.0])
-    assert strategy.last_clients == [0, 1, 2]
+    assert outcome.clients == [0, 1, 2]
     assert metrics["local-wer"] == pytest.approx((10 + 40 + 90) / 300)  # summed errors / summed words
     assert metrics["max-weight"] == pytest.approx(w.max())
 
 
 def test_loss_softmax_favours_the_lower_loss():
     strategy = build_strategy("loss-softmax", {"temperature": 1.0}, num_clients=2)
-    arrays, _ = aggregate(strategy, [client_reply(0, 0.0, loss=1.0), client_reply(1, 1.0, loss=3.0)])
+    arrays, _, _ = aggregate(strategy, [client_reply(0, 0.0, loss=1.0), client_reply(1, 1.0, loss=3.0)])
     w = softmax_weights([-1.0, -3.0], 1.0)
     np.testing.assert_allclose(arrays["w"], w[1], rtol=1e-6)
 
 
 def test_fedavg_weights_are_example_counts():
     strategy = build_strategy("fedavg", {}, num_clients=2)
-    arrays, metrics = aggregate(strategy, [client_reply(0, 0.0, examples=30, loss=1.0), client_reply(1, 4.0, examples=10, loss=2.0)])
+    arrays, metrics, _ = aggregate(strategy, [client_reply(0, 0.0, examples=30, loss=1.0), client_reply(1, 4.0, examples=10, loss=2.0)])
     np.testing.assert_allclose(arrays["w"], 1.0)
     assert metrics["train-loss"] == pytest.approx((30 * 1.0 + 10 * 2.0) / 40)
 
 
 def test_server_learning_rate_moves_part_of_the_way():
     strategy = build_strategy("fedavg", {"server_lr": 0.5}, num_clients=2)
-    arrays, _ = aggregate(strategy, [client_reply(0, 4.0), client_reply(1, 4.0)], current=2.0)
+    arrays, _, _ = aggregate(strategy, [client_reply(0, 4.0), client_reply(1, 4.0)], current=2.0)
     np.testing.assert_allclose(arrays["w"], 3.0)
     assert np.array_equal(arrays["frozen"], [3.0, 4.0])
 
@@ -95,7 +97,7 @@ def test_server_side_scoring_replaces_client_wer():
 
     strategy = build_strategy("wer-softmax", {"temperature": 0.01}, num_clients=2, score_fn=score_fn)
     assert not strategy.wants_client_wer
-    arrays, _ = aggregate(strategy, [client_reply(0, 1.0, wer=0.0), client_reply(1, 2.0, wer=1.0)])
+    arrays, _, _ = aggregate(strategy, [client_reply(0, 1.0, wer=0.0), client_reply(1, 2.0, wer=1.0)])
     assert sorted(seen) == [1.0, 2.0]
     np.testing.assert_allclose(arrays["w"], 2.0, rtol=1e-6)
 
@@ -105,15 +107,15 @@ def test_a_client_reporting_nan_is_dropped_and_counted(bad):
     strategy = build_strategy("wer-softmax", {"temperature": 0.01}, num_clients=3)
     broken = client_reply(1, float("nan") if bad == "arrays" else 9.0,
                           loss=float("nan") if bad == "loss" else 1.0, wer=float("nan") if bad == "wer" else 0.0)
-    arrays, metrics = aggregate(strategy, [client_reply(0, 1.0, wer=0.2), broken, client_reply(2, 1.0, wer=0.3)])
+    arrays, metrics, outcome = aggregate(strategy, [client_reply(0, 1.0, wer=0.2), broken, client_reply(2, 1.0, wer=0.3)])
     np.testing.assert_allclose(arrays["w"], 1.0, rtol=1e-6)
-    assert [pid for pid, _ in strategy.last_dropped] == [1]
+    assert [pid for pid, _ in outcome.dropped] == [1]
     assert metrics["dropped-clients"] == 1
 
 
 def test_all_clients_diverged_keeps_the_global_model():
     strategy = build_strategy("wer-softmax", {}, num_clients=1, clients_per_round=1)
-    arrays, metrics = aggregate(strategy, [client_reply(0, float("inf"))])
+    arrays, metrics, _ = aggregate(strategy, [client_reply(0, float("inf"))])
     assert arrays is None and metrics is None
 
 
@@ -125,10 +127,10 @@ def test_flower_strategies_by_name_drop_diverged_clients(name, monkeypatch):
     start = numpy_to_arrayrecord({"w": np.zeros((2, 2), dtype=np.float32), "frozen": np.array([3.0, 4.0], dtype=np.float32)})
     messages = list(strategy.configure_train(1, start, ConfigRecord({"lr": 0.1}), FakeGrid(2, None)))
     assert len(messages) == 2
-    arrays, _ = strategy.aggregate_train(1, [client_reply(0, 1.0), client_reply(1, float("nan"))])
-    values = arrays_to_numpy(arrays)
+    outcome = vet_and_aggregate(strategy, 1, [client_reply(0, 1.0), client_reply(1, float("nan"))])
+    values = arrays_to_numpy(outcome.arrays)
     assert np.isfinite(values["w"]).all() and (values["w"] > 0).all()
-    assert strategy.last_dropped[0][0] == 1
+    assert outcome.dropped[0][0] == 1
 
 
 def test_cross_device_sampling_size_and_client_wer_request(monkeypatch):

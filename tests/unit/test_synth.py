@@ -170,3 +170,133 @@ def test_missing_espeak_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(synth.shutil, "which", lambda name: None)
     with pytest.raises(synth.EspeakError, match="apt-get install espeak-ng"):
         synthesize_corpus(tmp_path, speakers=3, utterances_per_speaker=1)
+
+
+# ---------------------------------------------------------------------------------------------- acoustic variety
+
+
+# make_speakers("fr", 24, seed=0) before the acoustic options existed: (voice, pitch, speed, gain, noise_db, age,
+# accent) of the first three speakers, and every speaker's noise level.
+CLEAN_FIRST_SPEAKERS = [
+    ("fr-fr+m5", 56, 147, 0.518, -47.0, "fourties", "Français de France"),
+    ("fr-ch+m3", 40, 182, 0.651, -47.8, "twenties", "Français de Suisse"),
+    ("fr-ch+m7", 57, 125, 0.544, -53.1, "teens", "Français de Suisse"),
+]
+CLEAN_NOISE_DB = [-47.0, -47.8, -53.1, -58.9, -53.0, -50.9, -47.1, -53.3, -54.7, -47.3, -52.8, -54.7, -46.4, -55.8,
+                  -50.6, -57.4, -50.1, -49.2, -47.9, -52.7, -58.2, -50.3, -46.8, -54.2]
+
+
+def voice_tuple(s):
+    return (s.voice, s.pitch, s.speed, s.gain, s.noise_db, s.age, s.accent)
+
+
+def test_clean_acoustics_draw_the_speakers_of_earlier_versions():
+    clean = synth.resolve_acoustics()
+    assert clean == synth.Acoustics() and clean.is_default
+    assert synth.resolve_acoustics("clean", noise_db_range=[-60, -45]).is_default
+    for speakers in (make_speakers("fr", 24, seed=0), make_speakers("fr", 24, seed=0, acoustics=clean)):
+        assert [voice_tuple(s) for s in speakers[:3]] == CLEAN_FIRST_SPEAKERS
+        assert [s.noise_db for s in speakers] == CLEAN_NOISE_DB
+        assert {(s.speed_factor, s.rt60) for s in speakers} == {(1.0, 0.0)}
+
+
+def test_hard_acoustics_vary_noise_speed_and_room_per_speaker_only():
+    clean = make_speakers("fr", 120, seed=0)
+    hard = make_speakers("fr", 120, seed=0, acoustics=synth.resolve_acoustics("hard"))
+    assert [(s.voice, s.pitch, s.speed, s.gain, s.age, s.accent, s.split, s.client_id) for s in hard] == [
+        (s.voice, s.pitch, s.speed, s.gain, s.age, s.accent, s.split, s.client_id) for s in clean
+    ], "the acoustic options must not change who the speakers are"
+    assert all(-40.0 <= s.noise_db <= -25.0 for s in hard)
+    assert all(0.85 <= s.speed_factor <= 1.15 and 0.2 <= s.rt60 <= 0.8 for s in hard)
+    assert len({s.speed_factor for s in hard}) > 10 and len({s.rt60 for s in hard}) > 10
+    assert len({s.client_id for s in hard}) == 120 and len({s.accent for s in hard}) == 3
+    assert make_speakers("fr", 120, seed=0, acoustics=synth.resolve_acoustics("hard")) == hard
+
+
+def test_an_explicit_range_replaces_the_presets_and_bad_ranges_name_the_option():
+    mixed = synth.resolve_acoustics("hard", reverb_rt60_range=(0, 0), noise_db_range=[-35, -30])
+    assert mixed == synth.Acoustics(noise_db_range=(-35.0, -30.0), speed_range=(0.85, 1.15), reverb_rt60_range=(0, 0))
+    assert synth.resolve_acoustics(speed_range=(0.9, 1.1)).reverb_rt60_range == (0.0, 0.0)
+    with pytest.raises(SynthError, match=r"acoustics='loud': choose one of \['clean', 'hard'\]"):
+        synth.resolve_acoustics("loud")
+    with pytest.raises(SynthError, match=r"noise_db_range=\(-20, -40\): the low end must not exceed the high end"):
+        synth.resolve_acoustics(noise_db_range=(-20, -40))
+    with pytest.raises(SynthError, match=r"speed_range=\(0.1, 1.0\): out of range.*--speed-range 0.9 1.1"):
+        synth.resolve_acoustics(speed_range=(0.1, 1.0))
+    with pytest.raises(SynthError, match=r"reverb_rt60_range=0.5: give two numbers LOW HIGH"):
+        synth.resolve_acoustics(reverb_rt60_range=0.5)
+    with pytest.raises(SynthError, match=r"noise_db_range=\['a', 'b'\]"):
+        synth.resolve_acoustics(noise_db_range=["a", "b"])
+
+
+def test_speed_perturbation_and_room_response():
+    tone = np.sin(2 * np.pi * 200 * np.arange(48_000) / 48_000).astype(np.float32)
+    assert synth.speed_perturb(tone, 1.0) is tone
+    assert abs(synth.speed_perturb(tone, 1.25).size - 48_000 / 1.25) <= 2
+    assert abs(synth.speed_perturb(tone, 0.8).size - 48_000 / 0.8) <= 2
+
+    response = synth.room_impulse_response(0.5, (0, 1, 2))
+    assert response[0] == 1.0 and response.size == int(0.0025 * 48_000) + int(0.5 * 48_000)
+    tail = response[int(0.0025 * 48_000):]
+    assert np.isclose(np.sum(tail**2), 10 ** (-synth.REVERB_DIRECT_DB / 10))
+    first, last = (np.sqrt(np.mean(tail[i : i + 2400] ** 2)) for i in (0, tail.size - 2400))
+    assert 45 < 20 * np.log10(first / last) < 70, "the tail decays by about 60 dB over RT60"
+    assert np.array_equal(synth.room_impulse_response(0.5, (0, 1, 2)), response)
+    assert np.array_equal(synth.room_impulse_response(0.0, (0, 1, 2)), [1.0])
+
+    click = np.zeros(1000, dtype=np.float32)
+    click[0] = 1.0
+    wet = synth.reverberate(click, response)
+    assert wet.size == 1000 + response.size - 1 and np.allclose(wet[: response.size], response, atol=1e-6)
+    assert synth.reverberate(click, np.ones(1)) is click
+
+
+def noise_floor(path) -> float:
+    """RMS of the quietest 10 ms frames (the 5th percentile): the noise between words."""
+    audio, _ = sf.read(path, dtype="float32")
+    frames = audio[: len(audio) // 480 * 480].reshape(-1, 480)
+    return float(np.quantile(np.sqrt(np.mean(frames**2, axis=1)), 0.05))
+
+
+def test_acoustic_options_change_the_audio_and_the_defaults_do_not(tmp_path):
+    args = {"lang": "fr", "speakers": 3, "utterances_per_speaker": 1, "seed": 7, "workers": 1}
+    default = synthesize_corpus(tmp_path / "default", **args)
+    synthesize_corpus(tmp_path / "clean", acoustics="clean", noise_db_range=(-60, -45), **args)
+    assert folder_digest(tmp_path / "default") == folder_digest(tmp_path / "clean")
+    assert "acoustics" not in default
+
+    noisy = synthesize_corpus(tmp_path / "noisy", noise_db_range=(-30, -25), **args)
+    assert noisy["acoustics"]["noise_db_range"] == [-30.0, -25.0]
+    hard = synthesize_corpus(tmp_path / "hard", acoustics="hard", **args)
+    assert hard["acoustics"]["reverb_rt60_range"] == [0.2, 0.8]
+    for folder in ("noisy", "hard"):
+        assert read_tsv(tmp_path / folder / "validated.tsv") == read_tsv(tmp_path / "default" / "validated.tsv")
+    clips = sorted(p.name for p in (tmp_path / "default" / "clips").iterdir())
+    for name in clips:
+        assert noise_floor(tmp_path / "noisy" / "clips" / name) > 5 * noise_floor(tmp_path / "default" / "clips" / name)
+        assert (tmp_path / "hard" / "clips" / name).read_bytes() != (tmp_path / "default" / "clips" / name).read_bytes()
+    with pytest.raises(SynthError, match="other settings"):
+        synthesize_corpus(tmp_path / "default", acoustics="hard", **args)
+    assert synthesize_corpus(tmp_path / "default", **args)["skipped"]
+
+
+def test_cli_passes_the_acoustic_options_and_reports_bad_ones(tmp_path, monkeypatch, capsys):
+    from fedasr.cli import main as cli_main
+
+    seen = {}
+
+    def fake(out_dir, **kwargs):
+        seen.update(kwargs)
+        return {"clips": 0, "hours": 0.0, "splits": {}, "seconds": 0.0, "skipped": False,
+                "acoustics": synth.resolve_acoustics(kwargs["acoustics"]).as_dict()}
+
+    monkeypatch.setattr(synth, "synthesize_corpus", fake)
+    argv = ["synth", str(tmp_path), "--acoustics", "hard", "--noise-db-range", "-35", "-30",
+            "--speed-range", "0.9", "1.1"]
+    assert cli_main(argv) == 0
+    assert seen["acoustics"] == "hard" and seen["noise_db_range"] == [-35.0, -30.0]
+    assert seen["speed_range"] == [0.9, 1.1] and seen["reverb_rt60_range"] is None
+    assert "acoustics per speaker" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert cli_main(["synth", str(tmp_path), "--noise-db-range", "-25", "-40"]) == 2
+    assert "noise_db_range=[-25.0, -40.0]: the low end must not exceed the high end" in capsys.readouterr().err

@@ -2,30 +2,83 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Sequence
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Message
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedProx, FedYogi, Strategy
 
+from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord
+from fedasr.fl.strategies.base import Dropped, RoundOutcome, RoundStrategy
 from fedasr.fl.strategies.metric_softmax import MetricSoftmax
-from fedasr.fl.strategies.replies import RobustRepliesMixin, aggregate_train_metrics
+from fedasr.fl.strategies.replies import aggregate_train_metrics, array_spec, partition_of
 from fedasr.utils.settings import did_you_mean
 
-
-class RobustFedAdam(RobustRepliesMixin, FedAdam):
-    """Flower's FedAdam; drops diverged replies and orders replies first."""
+log = logging.getLogger(__name__)
 
 
-class RobustFedYogi(RobustRepliesMixin, FedYogi):
-    """Flower's FedYogi; drops diverged replies and orders replies first."""
+class FlowerAggregation(RoundStrategy):
+    """Put before one of Flower's strategy classes: its own aggregation, fedasr's round interface.
+
+    ``state_attributes``: the Flower attributes that carry state between rounds (a server optimizer's moments and
+    the arrays they refer to), saved and restored by state_dict / load_state_dict. The names are Flower's (its
+    private implementation): they are listed here, per class, and nowhere else.
+    """
+
+    state_attributes: tuple[str, ...] = ()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
+        self.expected_arrays = array_spec(arrays)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_round(self, server_round: int, replies: Sequence[Message], *, refused: Dropped = ()) -> RoundOutcome:
+        if not replies:
+            log.warning("round %d: no usable reply, the global model is kept", server_round)
+            return RoundOutcome(dropped=list(refused))
+        flower_aggregate = super(RoundStrategy, self).aggregate_train  # the Flower class this mixin precedes
+        arrays, metrics = flower_aggregate(server_round, list(replies))
+        clients = [partition_of(m) for m in replies] if arrays is not None else []
+        return RoundOutcome(arrays=arrays, metrics=metrics, clients=clients, dropped=list(refused))
+
+    def state_dict(self) -> dict:
+        state = {}
+        for name in self.state_attributes:
+            value = getattr(self, name)
+            if isinstance(value, ArrayRecord):
+                state[name] = {"kind": "arrayrecord", "value": arrays_to_numpy(value)}
+            else:
+                state[name] = {"kind": "plain", "value": value}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = sorted(set(state) - set(self.state_attributes))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no state {unknown} (it keeps {list(self.state_attributes)})")
+        for name, entry in state.items():
+            value = entry["value"]
+            setattr(self, name, numpy_to_arrayrecord(value) if entry["kind"] == "arrayrecord" else value)
 
 
-class RobustFedProx(RobustRepliesMixin, FedProx):
-    """Flower's FedProx (sends ``proximal-mu`` to clients); drops diverged replies and orders replies first."""
+class RobustFedAdam(FlowerAggregation, FedAdam):
+    """Flower's FedAdam on vetted, ordered replies."""
+
+    state_attributes = ("current_arrays", "m_t", "v_t")
 
 
-class RobustFedAvgM(RobustRepliesMixin, FedAvgM):
-    """Flower's FedAvgM; drops diverged replies and orders replies first."""
+class RobustFedYogi(FlowerAggregation, FedYogi):
+    """Flower's FedYogi on vetted, ordered replies."""
+
+    state_attributes = ("current_arrays", "m_t", "v_t")
+
+
+class RobustFedProx(FlowerAggregation, FedProx):
+    """Flower's FedProx (sends ``proximal-mu`` to clients) on vetted, ordered replies."""
+
+
+class RobustFedAvgM(FlowerAggregation, FedAvgM):
+    """Flower's FedAvgM on vetted, ordered replies."""
+
+    state_attributes = ("current_arrays", "momentum_vector")
 
 
 # name -> (class, fixed settings)

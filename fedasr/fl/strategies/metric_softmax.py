@@ -18,7 +18,8 @@ sequential decodes on the server per round).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -26,16 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord, weighted_average
+from fedasr.fl.protocol import LOCAL_WER, NUM_EXAMPLES, REPORT_WER, TRAIN_LOSS
+from fedasr.fl.strategies.base import Dropped, RoundOutcome, RoundStrategy
 from fedasr.fl.strategies.replies import (
-    LOCAL_WER,
-    NUM_EXAMPLES,
-    TRAIN_LOSS,
-    aggregate_train_metrics,
-    array_spec,
-    partition_of,
-    reply_arrays,
-    reply_metrics,
-    usable_replies,
+    aggregate_train_metrics, array_spec, partition_of, reply_arrays, reply_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +73,23 @@ def client_score(score: str, metrics: MetricRecord) -> float:
     return 0.0
 
 
-class MetricSoftmax(FedAvg):
+@dataclass
+class ClientWeights:
+    """The weights of one round's clients, before any array is averaged (a secure round sends them to SecAgg+)."""
+
+    replies: list[Message]  # the replies that get a weight, in partition order
+    weights: np.ndarray  # one per reply, summing to 1 (empty when no reply has a finite score)
+    dropped: Dropped  # replies refused for a non-finite score
+
+    @property
+    def clients(self) -> list[int]:
+        return [partition_of(m) for m in self.replies]
+
+    def by_client(self) -> dict[int, float]:
+        return dict(zip(self.clients, map(float, self.weights)))
+
+
+class MetricSoftmax(RoundStrategy, FedAvg):
     """FedAvg whose client weights come from a softmax over a per-client metric (see module docstring).
 
     Parameters beyond FedAvg's: ``score`` in {"wer", "loss", "examples"}, ``temperature`` T, ``mix`` (share of
@@ -112,11 +123,11 @@ class MetricSoftmax(FedAvg):
         self.mix = float(mix)
         self.server_lr = float(server_lr)
         self.score_fn = score_fn
-        self.current_arrays: dict[str, np.ndarray] | None = None
-        self.last_weights: dict[int, float] = {}
-        self.last_scores: dict[int, float] = {}
-        self.last_dropped: list[tuple[int, str]] = []
-        self.last_clients: list[int] = []
+        self.current_arrays: dict[str, np.ndarray] | None = None  # the round's global arrays (configure_train)
+
+    @property
+    def expected_arrays(self):
+        return None if self.current_arrays is None else array_spec(self.current_arrays)
 
     @property
     def wants_client_wer(self) -> bool:
@@ -133,49 +144,46 @@ class MetricSoftmax(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self.current_arrays = arrays_to_numpy(arrays)
-        config["report-wer"] = self.wants_client_wer
+        config[REPORT_WER] = self.wants_client_wer
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        kept, weights = self.client_weights(server_round, replies)
-        if weights is None:
-            return None, None
-        # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
-        averaged = weighted_average((reply_arrays(m) for m in kept), weights)
-        return numpy_to_arrayrecord(self.apply_server_lr(averaged)), self.round_metrics(kept, weights)
-
-    def client_weights(self, server_round: int, replies: Iterable[Message],
-                       with_arrays: bool = True) -> tuple[list[Message], np.ndarray | None]:
-        """(usable replies, their weights summing to 1; None when no reply is usable); sets last_clients/weights.
-
-        ``with_arrays=False``: replies of a secure-aggregation round (metrics only; fedasr/fl/secure.py).
-        """
-        expected = array_spec(self.current_arrays) if with_arrays and self.current_arrays is not None else None
-        kept, self.last_dropped = usable_replies(replies, expected, with_arrays=with_arrays)
-        if not kept:
+    def aggregate_round(self, server_round: int, replies: Sequence[Message], *, refused: Dropped = ()) -> RoundOutcome:
+        weighed = self.weigh_clients(replies)
+        dropped = list(refused) + weighed.dropped
+        if not weighed.replies:
             log.warning("round %d: no usable reply, the global model is kept", server_round)
-            self.last_clients = []
-            return [], None
-        scores = [self._score(m) for m in kept]
-        usable = [i for i, s in enumerate(scores) if np.isfinite(s)]
-        for i in set(range(len(kept))) - set(usable):
-            self.last_dropped.append((partition_of(kept[i]), f"{self.score} score is not finite"))
-        kept = [kept[i] for i in usable]
-        self.last_clients = [partition_of(m) for m in kept]
-        if not kept:
-            return [], None
-        scores = [scores[i] for i in usable]
-        examples = [float(reply_metrics(m)[NUM_EXAMPLES]) for m in kept]
-        weights = mixed_weights(scores, examples, self.temperature, self.mix)
-        self.last_weights = dict(zip(self.last_clients, map(float, weights)))
-        self.last_scores = dict(zip(self.last_clients, map(float, scores)))
-        return kept, weights
+            return RoundOutcome(dropped=dropped)
+        # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
+        averaged = weighted_average((reply_arrays(m) for m in weighed.replies), weighed.weights)
+        return RoundOutcome(
+            arrays=numpy_to_arrayrecord(self.apply_server_lr(averaged)),
+            metrics=self.round_metrics(weighed.replies, weighed.weights, dropped=len(dropped)),
+            clients=weighed.clients, weights=weighed.by_client(), dropped=dropped,
+        )
 
-    def round_metrics(self, kept: list[Message], weights: np.ndarray) -> MetricRecord:
+    def weigh_clients(self, replies: Sequence[Message]) -> ClientWeights:
+        """The weights of the usable ``replies`` (metrics suffice: a secure round's replies hold no arrays)."""
+        scores = [self._score(m) for m in replies]
+        finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
+        dropped = [(partition_of(replies[i]), f"{self.score} score is not finite")
+                   for i in sorted(set(range(len(replies))) - set(finite))]
+        kept = [replies[i] for i in finite]
+        if not kept:
+            return ClientWeights([], np.zeros(0), dropped)
+        examples = [float(reply_metrics(m)[NUM_EXAMPLES]) for m in kept]
+        weights = mixed_weights([scores[i] for i in finite], examples, self.temperature, self.mix)
+        return ClientWeights(kept, weights, dropped)
+
+    def round_metrics(self, kept: list[Message], weights: np.ndarray, *, dropped: int) -> MetricRecord:
+        """Aggregated training metrics, the largest weight and the number of ``dropped`` replies."""
         metrics = self.train_metrics_aggr_fn([m.content for m in kept], self.weighted_by_key)
         metrics["max-weight"] = float(weights.max())
-        metrics["dropped-clients"] = len(self.last_dropped)
+        metrics["dropped-clients"] = dropped
         return metrics
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore; ``current_arrays``, which older checkpoints hold, is set again by every round."""
+        super().load_state_dict({k: v for k, v in state.items() if k != "current_arrays"})
 
     def _score(self, message: Message) -> float:
         if self.score == "wer" and self.score_fn is not None and self.mix > 0:

@@ -1,4 +1,4 @@
-"""What every fedasr strategy does with client replies before aggregating them.
+"""The vetting of client replies, done once per round before any strategy sees them (and the metrics they carry).
 
 - replies are put in a fixed order (by the client's partition id) so float sums do not depend on arrival order;
 - a reply whose arrays or train loss are not finite (a diverged client), or whose arrays do not fit the global
@@ -21,17 +21,12 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedasr.fl.arrays import all_finite
+from fedasr.fl.protocol import (
+    FIT_GPU_PEAK_MIB, FIT_SECONDS, LOCAL_WER, LOCAL_WORD_ERRORS, LOCAL_WORDS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS,
+)
 
 log = logging.getLogger(__name__)
 
-# Keys of the MetricRecord a fedasr client returns after training.
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-PARTITION_ID = "partition-id"
-LOCAL_WER = "wer"
-LOCAL_WORD_ERRORS = "word-errors"
-LOCAL_WORDS = "words"
-FIT_SECONDS = "fit-seconds"
 
 
 def reply_metrics(message: Message) -> MetricRecord:
@@ -181,26 +176,8 @@ def aggregate_train_metrics(records: list[RecordDict], weighted_by_key: str = NU
     if metrics and all(FIT_SECONDS in m for m in metrics):
         out["fit-seconds-sum"] = sum(float(m[FIT_SECONDS]) for m in metrics)
         out["fit-seconds-max"] = max(float(m[FIT_SECONDS]) for m in metrics)
+    on_gpu = [float(m[FIT_GPU_PEAK_MIB]) for m in metrics if FIT_GPU_PEAK_MIB in m]
+    if on_gpu:  # clients that trained on CUDA (none on the CPU: the row is then as before)
+        out["fit-gpu-clients"] = len(on_gpu)
+        out["fit-gpu-peak-mib-max"] = max(on_gpu)
     return out
-
-
-class RobustRepliesMixin:
-    """Put before a Flower strategy class: drops unusable replies and fixes their order before it aggregates.
-
-    The global arrays' spec is taken in ``configure_train`` so replies of another shape are refused.
-    """
-
-    expected_arrays: ArraySpec | None = None
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid):
-        self.expected_arrays = array_spec(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        kept, dropped = usable_replies(replies, self.expected_arrays)
-        self.last_dropped = dropped
-        self.last_clients = [partition_of(m) for m in kept]
-        if not kept:
-            log.warning("round %d: no usable reply, the global model is kept", server_round)
-            return None, None
-        return super().aggregate_train(server_round, kept)

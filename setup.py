@@ -1,7 +1,7 @@
 """Packaging hook: the wheel carries the recipes' YAMLs (hparams/) as package data, under fedasr/hparams/.
 
 Everything else is declared in pyproject.toml. In a checkout (and an editable install) fedasr reads hparams/ in
-place; an installed wheel reads its own copy (fedasr.demo.HPARAMS_ROOT).
+place; an installed wheel reads its own copy (fedasr.pipeline.HPARAMS_ROOT).
 """
 
 from pathlib import Path

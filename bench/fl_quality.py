@@ -1,6 +1,6 @@
 """Quality study: centralized vs federated test WER over several seeds, for one or more settings.
 
-For each setting and seed it runs the staged pipeline (fedasr.demo: warm-up, central, cross-silo, cross-device)
+For each setting and seed it runs the staged pipeline (fedasr.pipeline: warm-up, central, cross-silo, cross-device)
 on ONE corpus (synthesized once, or a Common Voice folder given with --corpus), so every run is scored on the same
 test set; the seed changes model initialisation, batch order and client sampling, not the data. A setting is a
 name and pipeline overrides; settings of one seed share its warm-up and central runs (copied, not retrained).
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedasr.demo import DEFAULT_CONFIG, Layout, load_pipeline_config, parse_set_overrides, run_pipeline  # noqa: E402
+from fedasr.pipeline import DEFAULT_CONFIG, Layout, load_pipeline_config, parse_set_overrides, run_pipeline  # noqa: E402
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows  # noqa: E402
 from fedasr.utils.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from fedasr.utils.settings import deep_merge  # noqa: E402

@@ -99,7 +99,8 @@ def report(out: Path, device: str, precision: str) -> None:
         "central": {"device": central.get("device"), "precision": central.get("precision"),
                     "model": central.get("model"), "parameters": central.get("num_parameters"),
                     "audio_trained_s": train_audio, "seconds": central["seconds"],
-                    "train_audio_s_per_s": train_audio / central["seconds"]},
+                    "train_audio_s_per_s": train_audio / central["seconds"],
+                    "torch_peak_mib": central.get("gpu_peak_mib")},
         "silos": federated(out, "silos", "p_silos"),
         "speakers": federated(out, "speakers", "p_speakers"),
         "test": {**test, "audio_s": test_audio, "decode_audio_s_per_s": test_audio / test["seconds"]},
@@ -121,18 +122,19 @@ def report(out: Path, device: str, precision: str) -> None:
     lines = [
         f"gpu_smoke: {summary.get('gpu') or 'no GPU'} | torch {summary.get('torch')} | requested device {device}, "
         f"precision {precision} | total {num(summary['total_seconds'])} s",
-        f"{'stage':<10} {'device actually used':<52} {'train a-s/s':>11} {'decode a-s/s':>12} "
+        f"{'stage':<10} {'device actually used':<60} {'train a-s/s':>11} {'decode a-s/s':>12} "
         f"{'torch peak MiB':>14} {'GPU peak MiB':>12} {'wall s':>7}",
-        f"{'central':<10} {c['device'] + ' (' + str(c['model']) + ', ' + str(c['precision']) + ')':<52} "
-        f"{num(c['train_audio_s_per_s']):>11} {'-':>12} {'-':>14} {num(stages['central']['gpu_peak_mib'], 0):>12} "
+        f"{'central':<10} {c['device'] + ' (' + str(c['model']) + ', ' + str(c['precision']) + ')':<60} "
+        f"{num(c['train_audio_s_per_s']):>11} {'-':>12} {num(c['torch_peak_mib'], 0):>14} "
+        f"{num(stages['central']['gpu_peak_mib'], 0):>12} "
         f"{num(stages['central']['seconds']):>7}",
     ]
     for name, f in (("silos", s), ("speakers", d)):
         used = f"server {f['server_device']}, clients {f['clients_device']}"
-        lines.append(f"{name:<10} {used[:52]:<52} {num(f['train_audio_s_per_s']):>11} {num(f['decode_audio_s_per_s']):>12} "
+        lines.append(f"{name:<10} {used:<60} {num(f['train_audio_s_per_s']):>11} {num(f['decode_audio_s_per_s']):>12} "
                      f"{num(f['client_torch_peak_mib'], 0):>14} {num(stages[name]['gpu_peak_mib'], 0):>12} "
                      f"{num(stages[name]['seconds']):>7}")
-    lines.append(f"{'test':<10} {t['device'] + ' (beam, ' + t['precision'] + ')':<52} {'-':>11} "
+    lines.append(f"{'test':<10} {t['device'] + ' (beam, ' + t['precision'] + ')':<60} {'-':>11} "
                  f"{num(t['decode_audio_s_per_s']):>12} {num(t['torch_peak_mib'], 0):>14} "
                  f"{num(stages['test']['gpu_peak_mib'], 0):>12} {num(stages['test']['seconds']):>7}")
     lines.append("train a-s/s: seconds of audio trained per second (federated: round wall time; per client fit only: "

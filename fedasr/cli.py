@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -267,14 +268,16 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="override a pipeline setting, e.g. --set cross_silo.set.rounds=2 --set corpus.speakers=12")
 
     def run(args: argparse.Namespace) -> int:
-        from fedasr.demo import DEFAULT_CONFIG, parse_set_overrides, run_pipeline
+        from fedasr.pipeline import DEFAULT_CONFIG, parse_set_overrides, run_pipeline
 
         overrides = parse_set_overrides(args.overrides)
         if args.lang:
             overrides["language"] = args.lang
         result = run_pipeline(args.out_dir, config_file=args.config or DEFAULT_CONFIG, overrides=overrides,
                               corpus=args.corpus, start=args.stage, stop=args.stop_stage)
-        print(f"Done in {result['seconds']} s. Report and plots: {result['report']}")
+        report = Path(result["report"])
+        where = f" Report and plots: {report}" if (report / "compare.csv").exists() else ""
+        print(f"Done in {result['seconds']} s.{where}")
         return 0
 
     p.set_defaults(run=run)
@@ -299,21 +302,47 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_dp_epsilon(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dp-epsilon", help="epsilon of client-level DP for a noise multiplier, rounds and sampling rate "
-                       "(RDP accountant; no training)")
+    p = sub.add_parser("dp-epsilon", help="epsilon of fedasr's client-level DP for a noise multiplier, rounds and the "
+                       "clients sampled per round (RDP accountant; no training)")
     p.add_argument("--noise", type=float, required=True, help="noise multiplier z (privacy.noise_multiplier)")
     p.add_argument("--rounds", type=int, required=True, help="number of rounds (releases)")
-    p.add_argument("--sampling-rate", type=float, default=1.0, help="clients_per_round / clients (default 1)")
+    p.add_argument("--clients", type=int, required=True, help="number of clients N in the partition")
+    p.add_argument("--clients-per-round", type=int, default=None,
+                   help="clients m the server draws each round, without replacement (default: all N)")
     p.add_argument("--delta", type=float, default=1e-5, help="delta (default 1e-5; must be < 1 / clients)")
-    p.add_argument("--accounting", choices=["poisson", "no-amplification"], default="poisson")
+    p.add_argument("--accounting", choices=["sampled", "no-amplification"], default="sampled",
+                   help="sampled (default): amplification by the sampling the server does; no-amplification: every "
+                        "round counted in full")
+    p.add_argument("--relation", choices=["add-or-remove-one", "replace-one"], default=None,
+                   help="neighbouring relation (default: add-or-remove-one when every client trains every round, "
+                        "replace-one otherwise, the only one fixed-size sampling is accounted under)")
+    p.add_argument("--sampling-rate", type=float, default=None, help=argparse.SUPPRESS)  # old option: refused
 
     def run(args: argparse.Namespace) -> int:
-        from fedasr.fl.privacy import dp_epsilon
+        from fedasr.fl.privacy import client_level_epsilon
 
-        epsilon = dp_epsilon(args.noise, args.rounds, args.sampling_rate, args.delta, args.accounting)
-        print(json.dumps({"epsilon": epsilon if epsilon != float("inf") else None, "delta": args.delta,
-                          "noise_multiplier": args.noise, "rounds": args.rounds,
-                          "sampling_rate": args.sampling_rate, "accounting": args.accounting}))
+        if args.sampling_rate is not None:
+            raise ValueError("--sampling-rate is gone: fedasr's server draws a fixed number of clients, and epsilon "
+                             "depends on that number and the total. Pass --clients N --clients-per-round M")
+        per_round = args.clients if args.clients_per_round is None else args.clients_per_round
+        if args.clients < 1:
+            raise ValueError(f"--clients must be >= 1, got {args.clients}")
+        if not args.delta < 1.0 / args.clients:
+            raise ValueError(f"--delta {args.delta} must be below 1 / clients = {1.0 / args.clients:.3g} (a larger "
+                             "delta allows releasing one client's data outright)")
+        epsilon, relation = client_level_epsilon(args.noise, args.rounds, args.clients, per_round, args.delta,
+                                                 args.accounting, args.relation)
+        finite = epsilon if epsilon != float("inf") else None
+        result = {"epsilon": finite, "delta": args.delta, "neighbouring_relation": relation,
+                  "sampling": (f"{per_round} of {args.clients} clients per round, uniformly without replacement"
+                               if per_round < args.clients else "every client every round (no sampling)"),
+                  "noise_multiplier": args.noise, "rounds": args.rounds, "clients": args.clients,
+                  "clients_per_round": per_round, "accounting": args.accounting}
+        if relation == "add-or-remove-one":  # also the figure comparable with sampled runs
+            other, _ = client_level_epsilon(args.noise, args.rounds, args.clients, per_round, args.delta,
+                                            args.accounting, "replace-one")
+            result["epsilon_replace_one"] = other if other != float("inf") else None
+        print(json.dumps(result))
         return 0
 
     p.set_defaults(run=run)

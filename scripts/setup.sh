@@ -13,6 +13,19 @@ if ! command -v espeak-ng >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null
 fi
 
+# Flower's SuperLink installs a Flower app's dependencies with `uv sync` into a fresh environment before each run
+# (Flower 1.42 default): for fedasr that is torch, SpeechBrain, ... again, and a CUDA torch. This venv already holds
+# them, so every Python of the venv starts with FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 unless it is set (a
+# .pth line runs at interpreter start-up): plain `flwr run .` then starts its local SuperLink with installation off.
+ensure_flower_defaults() {
+  [ -x "$VENV/bin/python" ] || return 0
+  local site
+  site=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  printf '%s\n' "import os; os.environ.setdefault('FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION', '1')" \
+    > "$site/fedasr-flower-defaults.pth"
+}
+ensure_flower_defaults
+
 stamp="$VENV/.fedasr-setup-$(sha1sum requirements.txt pyproject.toml | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then
   exit 0
@@ -37,5 +50,6 @@ if spec and spec.submodule_search_locations:
         os.remove(lib)
 PY
 "$VENV/bin/python" -c "import torch, speechbrain, flwr, sentencepiece, jiwer, soundfile; print('[setup] ok: torch', torch.__version__, 'speechbrain', speechbrain.__version__, 'flwr', flwr.__version__)"
+ensure_flower_defaults
 rm -f "$VENV"/.fedasr-setup-*
 touch "$stamp"

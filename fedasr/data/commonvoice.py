@@ -67,7 +67,7 @@ MP3_TRUNCATION_TOLERANCE = 0.99  # a complete mp3 is at least as long as its Xin
 MP3_TAIL_BYTES = 3072  # read from the end of an mp3 to check its last frames (2 frames of the largest size: 2 x 1441)
 # Characters of the normalised transcript (spaces not counted) per second of audio above which a row is dropped as
 # ``implausible_speech_rate``. Read speech runs at about 10-15 (fast speakers about 20; a clip's silences lower it);
-# the synthetic corpora (espeak-ng, 125-185 words/min, "hard" preset up to 1.15x faster) reach 21-24
+# 5 synthetic corpora (espeak-ng, 125-185 words/min, fr and en, "hard" preset up to 1.15x faster) reach 20.7 at most
 # (bench/RESULTS.md). A clip cut to 30 % of its bytes has about 3.3x its rate (11 -> 37), so 30 catches it and
 # leaves room for real fast speakers. Logographic scripts (fewer characters per second) are never caught: the
 # bound is then a no-op, not a false drop.

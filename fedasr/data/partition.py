@@ -660,6 +660,10 @@ def partition_manifest(
     Returns {"partition": the partition.json content, "summary_table": printable text, "seconds", "skipped"}.
 
     Re-running with the same inputs and options on a finished folder does nothing.
+
+    >>> result = partition_manifest("out/manifests", "out/partitions/cross-silo", mode="cross-silo",  # doctest: +SKIP
+    ...                             clients=10, warmup_speakers=117, skew="accent")
+    >>> print(result["summary_table"])  # doctest: +SKIP
     """
     started = time.perf_counter()
     _check_options(mode, clients, min_utterances, valid_fraction)

@@ -507,6 +507,8 @@ def synthesize_corpus(
     call), skipped (True when the folder was already complete).
     Re-running with the same arguments on a finished folder does nothing; a folder finished with other arguments
     is an error (choose another folder or delete it).
+
+    >>> synthesize_corpus("corpus_hard", speakers=120, acoustics="hard")["splits"]["train"]  # doctest: +SKIP
     """
     started = time.perf_counter()
     out = Path(out_dir)

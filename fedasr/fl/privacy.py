@@ -5,9 +5,12 @@ sampled client's update x_k - x is clipped to L2 norm C *on the client* (before 
 clipped updates, divides by the expected number of sampled clients m (a fixed denominator, so a client that drops
 out does not raise anyone's weight) and adds Gaussian noise of std z * C / m to the average. One round is then a
 Gaussian mechanism of noise multiplier z on a client-level sensitivity of C / m; the RDP accountant of Google's
-``dp-accounting`` composes the rounds (subsampled with rate q = clients_per_round / num_clients) into (epsilon,
-delta). Because every round is the same event, epsilon after round r is a pure function of (z, q, r, delta):
-nothing extra has to be checkpointed for a resumed run.
+``dp-accounting`` composes the rounds into (epsilon, delta) for the sampling the server does: exactly m of the N
+clients each round, uniformly without replacement (:func:`client_level_epsilon`). For m < N that is accounted
+under the replace-one relation (one client's data replaced by anyone else's; N is public); with every client in
+every round (m = N) there is no sampling and no amplification, under add-or-remove-one. Because every round is the
+same event, epsilon after round r is a pure function of (z, N, m, r, delta): nothing extra has to be checkpointed
+for a resumed run.
 
 Which Flower pieces are used, and why not the others:
 
@@ -56,7 +59,10 @@ from fedasr.fl.strategies.replies import aggregate_train_metrics, partition_of, 
 log = logging.getLogger(__name__)
 
 KEY_PER_LAYER_CLIPPING_NORM = "per-layer-clipping-norm"  # round-config key: clip each array's update to this norm
-ACCOUNTING_METHODS = ("poisson", "no-amplification")
+ACCOUNTING_METHODS = ("poisson", "no-amplification")  # of dp_epsilon (textbook figures, add-or-remove-one)
+CLIENT_ACCOUNTING = ("sampled", "no-amplification")  # of client_level_epsilon: fedasr's own sampling
+LEGACY_ACCOUNTING = {"poisson": "sampled"}  # privacy.accounting's old name: fedasr never sampled by Poisson
+RELATIONS = ("add-or-remove-one", "replace-one")
 VARIANCE_FLOOR = 1e-5  # BatchNorm running variances are kept >= this after the noise (post-processing)
 
 
@@ -115,11 +121,13 @@ def clipping_mod(msg: Message, ctxt: Context, call_next) -> Message:
 @functools.lru_cache(maxsize=1024)  # a pure function of its numbers, about 1 s per call with sampling (q < 1)
 def dp_epsilon(noise_multiplier: float, rounds: int, sampling_rate: float, delta: float,
                accounting: str = "poisson") -> float:
-    """Epsilon at ``delta`` after ``rounds`` Gaussian releases of noise multiplier z (RDP, dp-accounting).
+    """Epsilon at ``delta`` after ``rounds`` Gaussian releases of noise multiplier z (RDP, dp-accounting), under
+    the add-or-remove-one relation.
 
-    ``poisson``: each round samples each client with probability q (privacy amplification by sampling; fedasr
-    draws a fixed-size sample of q * N clients, and the Poisson analysis is the usual approximation for it, as in
-    McMahan et al. 2018). ``no-amplification``: every round counts in full (exact for q = 1, conservative else).
+    ``poisson``: each round samples each client independently with probability q (a cohort of variable size).
+    fedasr's server does not sample so (it draws exactly m of N): for fedasr's runs use
+    :func:`client_level_epsilon`; this is the textbook figure, e.g. to compare with papers that report it.
+    ``no-amplification``: every round counts in full (q = 1: exact for every client in every round).
     0 rounds: 0. z = 0: infinity (no noise, no guarantee).
     """
     import dp_accounting
@@ -147,6 +155,75 @@ def dp_epsilon(noise_multiplier: float, rounds: int, sampling_rate: float, delta
         accountant = rdp.RdpAccountant()
         accountant.compose(event, int(rounds))
         return float(accountant.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
+
+
+@functools.lru_cache(maxsize=1024)  # about 0.5 s per call with sampling (m < N)
+def client_level_epsilon(noise_multiplier: float, rounds: int, num_clients: int, clients_per_round: int,
+                         delta: float, accounting: str = "sampled", relation: str | None = None) -> tuple[float, str]:
+    """(epsilon at ``delta``, neighbouring relation) of fedasr's DP-FedAvg after ``rounds`` rounds, for the sampling
+    its server does: exactly m = ``clients_per_round`` of the N = ``num_clients`` clients, uniformly without
+    replacement, each round; noise of std z * C on the sum of the m updates clipped to C.
+
+    - m = N (every client every round, e.g. cross-silo): no sampling, so no amplification: ``rounds`` Gaussian
+      releases of noise multiplier z, under add-or-remove-one (a client joins or leaves the federation; the sum
+      changes by at most C).
+    - m < N: a sample of fixed size is analysed under replace-one (N is public; one client's data is replaced by
+      anyone's). Replacing a client moves the sum by up to 2C, so each round is a Gaussian of noise multiplier
+      z / 2 on that sensitivity, amplified by dp-accounting's ``SampledWithoutReplacementDpEvent`` (Wang, Balle and
+      Kasiviswanathan 2019, Theorem 27). The lower of that bound and the unamplified one is returned (both hold;
+      the sampled bound is the looser one for m close to N).
+
+    ``accounting="no-amplification"`` counts every round in full whatever m. ``relation="replace-one"`` gives the
+    replace-one figure for m = N too (to compare with sampled runs); add-or-remove-one with m < N is refused:
+    dp-accounting has no analysis of fixed-size sampling under it. 0 rounds: 0; z = 0: infinity.
+    """
+    import dp_accounting
+    from dp_accounting import rdp
+
+    accounting = LEGACY_ACCOUNTING.get(accounting, accounting)
+    if accounting not in CLIENT_ACCOUNTING:
+        raise ValueError(f"accounting must be one of {CLIENT_ACCOUNTING}, got {accounting!r}")
+    if int(num_clients) != num_clients or int(clients_per_round) != clients_per_round \
+            or not 1 <= clients_per_round <= num_clients:
+        raise ValueError(f"clients per round must be a whole number in [1, clients = {num_clients}], "
+                         f"got {clients_per_round}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    if rounds < 0 or noise_multiplier < 0:
+        raise ValueError(f"rounds and the noise multiplier must be >= 0, got {rounds} and {noise_multiplier}")
+    sampled = clients_per_round < num_clients
+    relation = relation or ("replace-one" if sampled else "add-or-remove-one")
+    if relation not in RELATIONS:
+        raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+    if relation == "add-or-remove-one" and sampled:
+        raise ValueError(f"{clients_per_round} of {num_clients} clients per round is a sample of fixed size: its "
+                         "epsilon is accounted under replace-one (dp-accounting has no add-or-remove-one analysis of "
+                         "it). Use relation replace-one, or every client every round")
+    if rounds == 0:
+        return 0.0, relation
+    if noise_multiplier == 0:
+        return math.inf, relation
+    neighbours = dp_accounting.NeighboringRelation
+
+    def epsilon_of(event, neighbouring) -> float:
+        accountant = rdp.RdpAccountant(neighboring_relation=neighbouring)
+        accountant.compose(event, int(rounds))
+        return float(accountant.get_epsilon(delta))
+
+    absl = logging.getLogger("absl")  # it warns about fractional orders it drops; the best order is kept anyway
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        if relation == "add-or-remove-one":
+            return epsilon_of(dp_accounting.GaussianDpEvent(noise_multiplier), neighbours.ADD_OR_REMOVE_ONE), relation
+        per_round = dp_accounting.GaussianDpEvent(noise_multiplier / 2)  # sensitivity 2C under replace-one
+        epsilon = epsilon_of(per_round, neighbours.REPLACE_ONE)
+        if sampled and accounting == "sampled":
+            event = dp_accounting.SampledWithoutReplacementDpEvent(int(num_clients), int(clients_per_round), per_round)
+            epsilon = min(epsilon, epsilon_of(event, neighbours.REPLACE_ONE))
+        return epsilon, relation
     finally:
         absl.setLevel(level)
 
@@ -182,11 +259,11 @@ class ClientLevelDP(RoundStrategy, Strategy):
         self.num_clients = int(num_clients)
         self.delta = float(delta)
         self.per_layer = bool(per_layer)
-        self.accounting = accounting
+        self.accounting = LEGACY_ACCOUNTING.get(accounting, accounting)  # "poisson" (old name): the sampling done
         self.frozen_keys = tuple(frozen_keys)
         self.server_lr = float(server_lr)
         self.seed = seed  # None: noise from the OS's entropy (secure); an int: reproducible noise
-        dp_epsilon(self.noise_multiplier, 1, self.sampling_rate, self.delta, accounting)  # checks the settings early
+        self.relation = self._accounted(1)[1]  # checks the settings early
         self._round_start: dict[str, np.ndarray] = {}
 
     @property
@@ -194,7 +271,12 @@ class ClientLevelDP(RoundStrategy, Strategy):
         return self.num_sampled_clients / self.num_clients
 
     def epsilon(self, rounds: int) -> float:
-        return dp_epsilon(self.noise_multiplier, rounds, self.sampling_rate, self.delta, self.accounting)
+        """Epsilon at delta after ``rounds`` rounds, for the sampling done (m of N, see client_level_epsilon)."""
+        return self._accounted(rounds)[0]
+
+    def _accounted(self, rounds: int) -> tuple[float, str]:
+        return client_level_epsilon(self.noise_multiplier, rounds, self.num_clients, self.num_sampled_clients,
+                                    self.delta, self.accounting)
 
     def is_frozen(self, key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, pattern) for pattern in self.frozen_keys)
@@ -301,6 +383,10 @@ def with_privacy(strategy: Strategy, privacy, *, num_clients: int, clients_per_r
     if privacy.delta >= 1.0 / num_clients:
         raise ValueError(f"privacy.delta = {privacy.delta} must be below 1 / num_clients = {1.0 / num_clients:.3g} "
                          "(a larger delta allows releasing one client's data outright); set privacy.delta smaller")
+    if privacy.accounting in LEGACY_ACCOUNTING:
+        log.info("privacy.accounting: %s is read as %s: the server samples exactly %d of %d clients without "
+                 "replacement, and epsilon is accounted for that sampling (fedasr.fl.privacy.client_level_epsilon)",
+                 privacy.accounting, LEGACY_ACCOUNTING[privacy.accounting], per_round, num_clients)
     return ClientLevelDP(
         strategy, noise_multiplier=privacy.noise_multiplier, clipping_norm=privacy.clipping_norm,
         num_sampled_clients=per_round, num_clients=num_clients, delta=privacy.delta, per_layer=privacy.per_layer,

@@ -18,7 +18,7 @@ from fedasr.fl.arrays import decode_replies, message_array_bytes
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsRow, train_columns
 from fedasr.fl.privacy import privacy_round_report
 from fedasr.fl.protocol import sampling_seed
-from fedasr.fl.sampling import SortedNodeGrid, assign_partitions
+from fedasr.fl.sampling import ClientSlotGrid, SortedNodeGrid, assign_partitions
 from fedasr.fl.secure import secure_round
 from fedasr.fl.strategies.base import RoundOutcome
 from fedasr.fl.strategies.replies import array_spec, missing_replies, usable_replies
@@ -33,10 +33,12 @@ def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, ann
     lr = annealer.lr
     started = time.perf_counter()
     random.seed(sampling_seed(cfg.seed, server_round))
-    messages = list(strategy.configure_train(server_round, arrays, run.round_config(server_round, lr),
-                                             SortedNodeGrid(grid)))
+    # Simulation: the strategy samples from one slot per client, whatever the number of SuperNodes (sampling.py).
+    view = ClientSlotGrid(grid, run.num_clients) if run.assign_partitions else SortedNodeGrid(grid)
+    messages = list(strategy.configure_train(server_round, arrays, run.round_config(server_round, lr), view))
     if run.assign_partitions:
         assign_partitions(messages, sampling_seed(cfg.seed, server_round), run.num_clients)
+        view.route(messages, distinct=cfg.secure_aggregation.enabled)
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     received = time.perf_counter()
     bytes_received = sum(message_array_bytes(r) for r in replies)  # as they travelled (fp16/bf16 when encoded)

@@ -37,6 +37,7 @@ from fedasr.fl.metrics_log import METRICS_FILE, MetricsLog, MetricsRow
 from fedasr.fl.privacy import with_privacy
 from fedasr.fl.round import dev_and_test, stop_after_failed_rounds, train_round
 from fedasr.fl.run import FederatedRun, run_from_run_config
+from fedasr.fl.sampling import is_simulation_grid, wait_for_nodes
 from fedasr.fl.strategies import build_strategy
 from fedasr.report.round_log import write_round_logs
 from fedasr.utils.io import atomic_open, atomic_write_json
@@ -47,11 +48,26 @@ log = logging.getLogger(__name__)
 SUMMARY_FILE = "summary.json"
 BEST_MODEL_FILE = "best_model.pt"
 FINAL_MODEL_FILE = "final_model.pt"
+RESOLVED_CONFIG_FILE = "fl_config.json"
 
 
 def check_output_folder(run: FederatedRun, what: str = "federated output folder") -> None:
     """A writable output folder with room for the run's model copies (checked once, before anything is written)."""
     check_writable(Path(run.output_dir), space_for_copies(Path(run.seed_checkpoint) / "model.ckpt", 6), what=what)
+
+
+def start_run_folder(run: FederatedRun) -> None:
+    """What every federated run writes before its first round (``fedasr federate`` and ``flwr run``): a stale
+    summary.json removed (it must not pass for this run's) and fl_config.json, the resolved settings that
+    ``fedasr compare`` / ``evaluate`` read. Call after :func:`refuse_unless_resumable`."""
+    out = Path(run.output_dir)
+    summary_path = out / SUMMARY_FILE
+    if summary_path.exists():
+        summary_path.unlink()
+    atomic_write_json(out / RESOLVED_CONFIG_FILE, {
+        "config": run.config.to_dict(), "seed_checkpoint": run.seed_checkpoint, "partition": run.partition,
+        "dev_manifest": run.dev_manifest, "test_manifest": run.test_manifest, "num_clients": run.num_clients,
+    })
 
 
 def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool = True) -> dict:
@@ -181,9 +197,33 @@ def build_server_app(run: FederatedRun | None = None, system=None) -> ServerApp:
         if run is not None:  # fedasr federate: the simulation checked the output folder before Ray started
             run_server(grid, run, system, check_output=False)
         else:
-            run_server(grid, run_from_run_config(dict(context.run_config)), system)
+            run_from_flower(grid, run_from_run_config(dict(context.run_config), simulation=is_simulation_grid(grid)))
 
     return server_app
+
+
+def run_from_flower(grid: Grid, run: FederatedRun) -> dict:
+    """``flwr run``: the checks and files of ``fedasr federate`` (fedasr/fl/simulation.py), then the rounds, so the
+    run folder is the same (fl_config.json, energy.json; compare, evaluate and resume accept it).
+
+    Simulation: the server maps the clients onto the SuperNodes the federation has (fedasr/fl/sampling.py).
+    Deployment: each SuperNode trains its own silo, so the first round waits at most ``node-wait`` seconds for
+    ``clients_per_round`` of them, then stops with NotEnoughNodesError."""
+    from fedasr.report.energy import track_energy
+
+    out = Path(run.output_dir)
+    check_output_folder(run, what="output-dir")
+    system = load_system(run)  # a seed that does not fit the model: an error before anything is written
+    refuse_unless_resumable(run, load_server_state(out))
+    if not run.assign_partitions:
+        needed = int(run.config.clients_per_round or run.num_clients)
+        wait_for_nodes(grid, needed, run.node_wait,
+                       what=" (clients_per_round)" if run.config.clients_per_round else " (num-clients)")
+    start_run_folder(run)
+    log.info("flwr run: %s, %d clients, %d rounds -> %s", "simulation" if run.assign_partitions else "deployment",
+             run.num_clients, run.config.rounds, out)
+    with track_energy(out, accumulate=run.resume):
+        return run_server(grid, run, system, check_output=False)
 
 
 app = build_server_app()

@@ -16,13 +16,13 @@ from fedasr.fl.checkpoint import load_server_state
 from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
 from fedasr.fl.evaluator import load_system
 from fedasr.fl.run import FederatedRun
-from fedasr.fl.server_app import SUMMARY_FILE, build_server_app, check_output_folder, refuse_unless_resumable
+from fedasr.fl.flower_compat import without_run_simulation_notice
+from fedasr.fl.server_app import (RESOLVED_CONFIG_FILE, SUMMARY_FILE, build_server_app, check_output_folder,  # noqa: F401
+                                  refuse_unless_resumable, start_run_folder)
 from fedasr.report.energy import track_energy
-from fedasr.utils.io import atomic_write_json, read_json
+from fedasr.utils.io import read_json
 
 log = logging.getLogger(__name__)
-
-RESOLVED_CONFIG_FILE = "fl_config.json"
 
 # Quiet, offline, loopback-only settings for Flower and Ray (kept when the user set them already).
 _ENVIRONMENT = {
@@ -172,14 +172,11 @@ def run_simulation_for(run: FederatedRun) -> dict:
     check_output_folder(run, what="--output-dir")  # before Ray (the ServerApp then does not check again)
     refuse_unless_resumable(run, load_server_state(out))  # before any file of a finished run is touched
     summary_path = out / SUMMARY_FILE
-    if summary_path.exists():
-        summary_path.unlink()  # a stale summary must not pass for this run's
-    atomic_write_json(out / RESOLVED_CONFIG_FILE, {
-        "config": run.config.to_dict(), "seed_checkpoint": run.seed_checkpoint, "partition": run.partition,
-        "dev_manifest": run.dev_manifest, "test_manifest": run.test_manifest, "num_clients": run.num_clients,
-    })
+    start_run_folder(run)  # stale summary.json removed, fl_config.json written (as `flwr run` does)
     try:
-        with track_energy(out, accumulate=run.resume):  # energy.json (codecarbon, whole machine: the Ray workers too)
+        # run_simulation, deprecated in Flower 1.42, is kept on purpose and only its notice dropped: `flwr run`
+        # cannot run this in-process ServerApp nor report its failure as an exit code (fedasr/fl/flower_compat.py).
+        with track_energy(out, accumulate=run.resume), without_run_simulation_notice():  # energy.json: whole machine
             run_simulation(server_app=build_server_app(run, system), client_app=client_app, num_supernodes=run.num_clients,
                            backend_config=backend_config(run.config))
     except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log above has the cause
@@ -192,9 +189,34 @@ def run_simulation_for(run: FederatedRun) -> dict:
     return read_json(summary_path)
 
 
-def federate(hparams: str | Path, **kwargs) -> dict:
-    """Resolve the run (see :func:`resolve_run` for the arguments) and simulate it."""
-    return run_simulation_for(resolve_run(hparams, **kwargs))
+def federate(
+    hparams: str | Path,
+    *,
+    partition: str | Path,
+    seed_checkpoint: str | Path,
+    output_dir: str | Path,
+    mode: str | None = None,
+    overrides: dict | None = None,
+    dev_manifest: str | Path | None = None,
+    test_manifest: str | Path | None = None,
+    resume: bool = False,
+    stop_after_round: int = 0,
+) -> dict:
+    """Simulate a federated run on Flower's Simulation Engine (Ray); returns its summary (``summary.json``).
+
+    ``hparams``: an fl settings file (hparams/fl/*.yaml); ``overrides``: nested changes to it; ``partition``: a
+    folder from :func:`fedasr.partition_manifest`; ``seed_checkpoint``: the warm-up's exported seed; the dev set
+    defaults to ``dev.csv`` beside the partition's source manifest. Every setting is checked before Ray starts.
+
+    >>> summary = federate("hparams/fl/cross_silo.yaml", partition="out/partitions/cross-silo",  # doctest: +SKIP
+    ...                    seed_checkpoint="out/runs/warmup/seed_checkpoint", output_dir="out/runs/silo",
+    ...                    overrides={"rounds": 3, "strategy": {"temperature": 1.0}})
+    >>> summary["best_dev_wer"], summary["best_test_wer"]  # doctest: +SKIP
+    """
+    return run_simulation_for(resolve_run(
+        hparams, partition=partition, seed_checkpoint=seed_checkpoint, output_dir=output_dir, mode=mode,
+        overrides=overrides, dev_manifest=dev_manifest, test_manifest=test_manifest, resume=resume,
+        stop_after_round=stop_after_round))
 
 
 def summary_line(summary: dict) -> str:

@@ -38,7 +38,7 @@ from fedasr.models.hparams import Experiment, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 from fedasr.report.energy import track_energy
-from fedasr.utils.device import check_precision, resolve_device
+from fedasr.utils.device import check_precision, peak_gpu_memory, resolve_device
 from fedasr.utils.io import atomic_write_json, atomic_write_text
 from fedasr.utils.preflight import check_writable, space_for_parameters
 
@@ -155,6 +155,9 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     result = {**meta, "seed_checkpoint": str(export_dir), "output_folder": str(out_dir),
               "seconds": round(time.perf_counter() - start, 1), "device": device,
               "precision": run_opts.get("precision", "fp32")}
+    peak = peak_gpu_memory(device)
+    if peak is not None:  # on CUDA only
+        result["gpu_peak_mib"] = round(peak / 2**20, 1)
     atomic_write_json(out_dir / "result.json", result)
     return result
 

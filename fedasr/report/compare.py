@@ -366,7 +366,12 @@ def test_wer_intervals(runs: list[RunRecord], hyps: dict[str, list[dict]]) -> di
 
 def compare_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike, *, profile: str = "v100",
                  grid: str = "france") -> dict:
-    """Write ``compare.md``, ``compare.csv``, ``compare.json`` and the plots to ``out_dir``; returns a summary."""
+    """Write ``compare.md``, ``compare.csv``, ``compare.json`` and the plots to ``out_dir``; returns a summary.
+
+    ``run_dirs``: output folders of train-central (the centralized baseline, the warm-up) and federate runs.
+
+    >>> compare_runs(["out/runs/central", "out/runs/cross-silo"], "out/report", grid="france")  # doctest: +SKIP
+    """
     if not run_dirs:
         raise RunFolderError("no run folders given: pass the output folders of train-central / federate runs")
     runs = [load_run(d) for d in run_dirs]

@@ -273,7 +273,7 @@ PIPELINE_YAML_CASES = {  # case: (text in hparams/pipeline/demo.yaml, its replac
 
 @pytest.mark.parametrize("case", list(PIPELINE_YAML_CASES))
 def test_pipeline_yaml_typo_or_wrong_type_names_file_key_and_fix(case, tmp_path):
-    from fedasr.demo import load_pipeline_config
+    from fedasr.pipeline import load_pipeline_config
 
     old, new, expected = PIPELINE_YAML_CASES[case]
     text = (REPO / "hparams/pipeline/demo.yaml").read_text(encoding="utf-8")
@@ -289,7 +289,7 @@ def test_pipeline_yaml_typo_or_wrong_type_names_file_key_and_fix(case, tmp_path)
 
 
 def test_pipeline_set_override_typo_is_blamed_on_the_overrides():
-    from fedasr.demo import DEFAULT_CONFIG, load_pipeline_config, parse_set_overrides
+    from fedasr.pipeline import DEFAULT_CONFIG, load_pipeline_config, parse_set_overrides
 
     with pytest.raises(ValueError, match=r"^--set overrides: unknown key\(s\) \['prepare.min_duraton'\] in prepare "
                                          r"\(did you mean 'min_duraton' -> 'min_duration'\?\); valid keys there: \[") as err:

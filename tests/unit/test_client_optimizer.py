@@ -5,7 +5,7 @@ settings fitted to a small partition."""
 import pytest
 import torch
 
-from fedasr.demo import fit_to_partition
+from fedasr.pipeline import fit_to_partition
 from fedasr.fl.config import FLConfigError, load_fl_config
 from fedasr.fl.run import FederatedRun
 from fedasr.models.system import client_optimizer

@@ -336,3 +336,15 @@ def test_client_builds_its_system_on_the_resolved_device(monkeypatch):
     finally:
         client_app.cached_system.cache_clear()
     assert built == [("cpu", {}), ("cpu", {"precision": "bf16"})]
+
+
+def test_bf16_training_and_decoding_on_the_cpu_keep_fp32_weights(tiny_system_inputs):
+    from fedasr.models.system import SpeechBrainASRSystem
+
+    seed, manifest = tiny_system_inputs
+    system = SpeechBrainASRSystem.from_checkpoint(seed, device="cpu", precision="bf16")
+    result = system.fit(manifest, epochs=1, lr=0.05, batch_size=2, seed=1, optimizer="adam")
+    assert result.train_loss == result.train_loss  # finite, not NaN
+    state = system.state_dict()
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}  # what travels stays fp32
+    assert system.evaluate(manifest, decoding="greedy").num_utterances == 4

@@ -1,4 +1,4 @@
-"""Results paths (fedasr.experiment) and the stage runner of the pipeline (fedasr.demo): done-markers, skipping,
+"""Results paths (fedasr.experiment) and the stage runner of the pipeline (fedasr.pipeline): done-markers, skipping,
 resumption after a failure, re-running stages whose settings changed."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from fedasr.utils.settings import deep_merge
-from fedasr.demo import (
-    Pipeline, PipelineError, Stage, flatten, load_pipeline_config, parse_set_overrides, run_stages, stage_range,
+from fedasr.pipeline import (
+    Pipeline, PipelineError, Stage, load_pipeline_config, parse_set_overrides, run_stages, stage_range,
 )
 from fedasr.experiment import ExperimentPathError, RunId, read_run_id, run_dir, save_run_config
 
@@ -101,5 +101,17 @@ def test_pipeline_config_overrides_and_errors(tmp_path):
     with pytest.raises(PipelineError, match="not KEY=VALUE"):
         parse_set_overrides(["rounds"])
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
-    assert flatten({"rounds": 2, "evaluation": {"test_decoding": "beam"}, "x": None}) == [
-        "rounds=2", 'evaluation.test_decoding="beam"', "x=null"]
+
+
+
+@pytest.mark.parametrize("hparams", ["hparams/fl/cross_silo.yaml", "hparams/fl/cross_device.yaml", "hparams/fl/paper.yaml"])
+def test_a_federated_stage_runs_from_one_resolved_settings_file(tmp_path, hparams):
+    """The pipeline resolves a stage's settings once (file + set + seed + fitting) and hands `fedasr federate` that
+    file: read back, it is the same configuration, with no overrides travelling as --set strings."""
+    from fedasr.fl.config import load_fl_config
+    from fedasr.pipeline import write_fl_settings
+
+    config = load_fl_config(REPO / hparams, {"rounds": 3, "seed": 7, "evaluation": {"test_decoding": "greedy"}})
+    path = write_fl_settings(tmp_path, config)
+    assert load_fl_config(path) == config
+    assert "extends" not in path.read_text()

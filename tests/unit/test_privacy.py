@@ -5,8 +5,10 @@ config rules (DP only with fedavg, delta below 1 / clients)."""
 import json
 import math
 
+import dp_accounting
 import numpy as np
 import pytest
+from dp_accounting import rdp
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -19,6 +21,7 @@ from fedasr.fl.privacy import (
     clip_per_layer,
     clip_update,
     clipping_mod,
+    client_level_epsilon,
     dp_epsilon,
     noise_std,
     per_layer_norm,
@@ -210,14 +213,54 @@ def test_delta_must_be_below_one_over_the_number_of_clients():
     assert isinstance(wrapped, ClientLevelDP) and wrapped.sampling_rate == 0.5
 
 
-def test_dp_epsilon_command_prints_the_accountant_value(capsys):
+def test_dp_epsilon_command_prints_the_epsilon_of_fedasrs_sampling_and_its_relation(capsys):
     from fedasr.cli import main
 
-    assert main(["dp-epsilon", "--noise", "1.1", "--rounds", "30", "--sampling-rate", "0.1", "--delta", "1e-6"]) == 0
+    # Issue 13: N = 20, m = 4, z = 1, 20 rounds, delta 1e-5 was reported as 7.52 (Poisson sampling).
+    assert main(["dp-epsilon", "--noise", "1", "--rounds", "20", "--clients", "20", "--clients-per-round", "4"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["epsilon"] == pytest.approx(dp_epsilon(1.1, 30, 0.1, 1e-6))
-    assert main(["dp-epsilon", "--noise", "1", "--rounds", "3", "--sampling-rate", "1.5"]) == 2  # clear error, no trace
-    assert "sampling rate" in capsys.readouterr().err
+    assert printed["epsilon"] == pytest.approx(client_level_epsilon(1.0, 20, 20, 4, 1e-5)[0]) == pytest.approx(43.74, abs=0.01)
+    assert printed["neighbouring_relation"] == "replace-one" and "4 of 20" in printed["sampling"]
+    assert main(["dp-epsilon", "--noise", "1", "--rounds", "20", "--clients", "20"]) == 0  # every client, every round
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["epsilon"] == pytest.approx(dp_epsilon(1.0, 20, 1.0, 1e-5))  # no amplification
+    assert printed["neighbouring_relation"] == "add-or-remove-one" and printed["epsilon_replace_one"] > printed["epsilon"]
+    for bad, said in ((["--clients", "20", "--clients-per-round", "21"], "clients per round"),
+                      (["--clients", "20", "--delta", "0.1"], "below 1 / clients"),
+                      (["--clients", "20", "--sampling-rate", "0.2"], "--clients N --clients-per-round M")):
+        assert main(["dp-epsilon", "--noise", "1", "--rounds", "3", *bad]) == 2  # clear error, no trace
+        assert said in capsys.readouterr().err
+
+
+def test_epsilon_is_for_m_of_n_clients_without_replacement_under_replace_one():
+    epsilon, relation = client_level_epsilon(1.0, 20, 20, 4, 1e-5)
+    assert relation == "replace-one"
+    # What dp-accounting gives for that sampling: a Gaussian of noise multiplier z / 2, because replacing one client's
+    # clipped update moves the sum by up to 2C (passing z, as the issue did, gives 11.6 and understates epsilon).
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(20, 4, dp_accounting.GaussianDpEvent(0.5)), 20)
+    assert epsilon == pytest.approx(accountant.get_epsilon(1e-5))
+    assert epsilon > dp_epsilon(1.0, 20, 0.2, 1e-5) == pytest.approx(7.52, abs=0.01)  # the Poisson figure was low
+    # Without sampling the replace-one figure is that of a Gaussian of noise multiplier z / 2.
+    assert client_level_epsilon(1.0, 20, 20, 20, 1e-5, relation="replace-one")[0] == pytest.approx(
+        dp_epsilon(0.5, 20, 1.0, 1e-5))
+    # Sampling only ever helps: near m = N the sampled bound is looser, and the unsampled one is kept.
+    unsampled = client_level_epsilon(1.0, 20, 20, 4, 1e-5, "no-amplification")[0]
+    assert epsilon < unsampled and client_level_epsilon(1.0, 20, 20, 19, 1e-5)[0] == pytest.approx(unsampled)
+    with pytest.raises(ValueError, match="replace-one"):
+        client_level_epsilon(1.0, 20, 20, 4, 1e-5, relation="add-or-remove-one")
+
+
+def test_every_client_every_round_gets_no_amplification():
+    for accounting in ("sampled", "no-amplification", "poisson"):  # "poisson": the config's old name of "sampled"
+        epsilon, relation = client_level_epsilon(1.0, 20, 20, 20, 1e-5, accounting)
+        assert relation == "add-or-remove-one"
+        assert epsilon == pytest.approx(independent_epsilon(1.0, 20, 1.0, 1e-5), rel=0.02)  # 20 plain Gaussians
+    inner = build_strategy("fedavg", {}, num_clients=4)
+    silo = with_privacy(inner, Privacy(enabled=True), num_clients=4, clients_per_round=None, seed=0)
+    assert silo.relation == "add-or-remove-one" and silo.epsilon(20) == pytest.approx(dp_epsilon(1.0, 20, 1.0, 1e-5))
+    sampled = with_privacy(inner, Privacy(enabled=True, delta=1e-6), num_clients=12, clients_per_round=4, seed=0)
+    assert sampled.relation == "replace-one" and sampled.epsilon(5) == client_level_epsilon(1.0, 5, 12, 4, 1e-6)[0]
 
 
 # ---- the real server loop with DP (fake ASR system, in-process grid) ---------------------------------------------------
@@ -255,8 +298,9 @@ def test_dp_server_loop_logs_epsilon_and_a_resumed_run_draws_the_same_noise(tmp_
 
     summary = run_server(_grid(), _dp_run(tmp_path / "full", monkeypatch))
     rows = _rows(tmp_path / "full")
-    q = 4 / 12
-    assert [r["dp_epsilon"] for r in rows[1:]] == pytest.approx([dp_epsilon(0.5, r, q, 1e-5) for r in (1, 2, 3, 4)])
+    # 4 of 12 clients drawn without replacement each round: the epsilon of that sampling (replace-one), not Poisson's.
+    assert [r["dp_epsilon"] for r in rows[1:]] == pytest.approx(
+        [client_level_epsilon(0.5, r, 12, 4, 1e-5)[0] for r in (1, 2, 3, 4)])
     assert summary["dp_epsilon"] == rows[-1]["dp_epsilon"] and summary["dp_delta"] == 1e-5
     assert all(r["dp_max_update_norm"] > 0.05 for r in rows[1:])  # the fake clients do not clip: the server does
     run_server(_grid(), _dp_run(tmp_path / "cut", monkeypatch, stop_after_round=2))

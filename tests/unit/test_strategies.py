@@ -152,23 +152,45 @@ def test_unknown_names_and_settings_are_clear_errors():
         build_strategy("fedavg", {}, num_clients=2, clients_per_round=3)
 
 
-def test_fl_hparams_files_load_and_overrides_switch_strategy(tmp_path):
-    from fedasr.fl.config import FLConfigError, load_fl_config, parse_overrides
+def test_fl_hparams_files_load_as_written():
+    from fedasr.fl.config import load_fl_config
 
     silo = load_fl_config("hparams/fl/cross_silo.yaml")
     assert silo.mode == "cross-silo" and silo.clients_per_round is None and silo.strategy["name"] == "wer-softmax"
+
+
+def test_naming_another_strategy_drops_the_old_ones_settings():
+    from fedasr.fl.config import load_fl_config, parse_overrides
+
     device = load_fl_config("hparams/fl/cross_device.yaml", parse_overrides(["strategy={name: fedadam, eta: 0.01}"]))
     assert device.clients_per_round == 20 and device.strategy == {"name": "fedadam", "eta": 0.01}
+
+
+def test_dotted_overrides_reach_nested_settings():
+    from fedasr.fl.config import load_fl_config, parse_overrides
+
     tuned = load_fl_config("hparams/fl/cross_silo.yaml", parse_overrides(["strategy.temperature=1", "annealing.patience=2"]))
     assert tuned.strategy["temperature"] == 1 and tuned.annealing.patience == 2
-    with pytest.raises(FLConfigError, match="unknown key"):
-        load_fl_config("hparams/fl/cross_silo.yaml", {"roundz": 3})
-    with pytest.raises(FLConfigError, match="mode must be one of"):
-        load_fl_config("hparams/fl/cross_silo.yaml", {"mode": "p2p"})
+
+
+@pytest.mark.parametrize("hparams, overrides, message", [
+    ("hparams/fl/cross_silo.yaml", {"roundz": 3}, "unknown key"),
+    ("hparams/fl/cross_silo.yaml", {"mode": "p2p"}, "mode must be one of"),
+    ("missing.yaml", {}, "not found"),
+])
+def test_bad_fl_settings_are_refused_with_the_reason(tmp_path, hparams, overrides, message):
+    from fedasr.fl.config import FLConfigError, load_fl_config
+
+    path = tmp_path / hparams if hparams == "missing.yaml" else hparams
+    with pytest.raises(FLConfigError, match=message):
+        load_fl_config(path, overrides)
+
+
+def test_an_override_without_a_value_is_refused():
+    from fedasr.fl.config import FLConfigError, parse_overrides
+
     with pytest.raises(FLConfigError, match="KEY=VALUE"):
         parse_overrides(["rounds"])
-    with pytest.raises(FLConfigError, match="not found"):
-        load_fl_config(tmp_path / "missing.yaml")
 
 
 def test_fl_hparams_extends_overlays_a_base_file(tmp_path):

@@ -124,7 +124,10 @@ def build_strategy(
     sampling = {
         "fraction_train": per_round / num_clients,
         "min_train_nodes": per_round,
-        "min_available_nodes": num_clients,
+        # Flower waits (without end) until this many nodes are connected: the round's own clients, never more.
+        # Simulation shows the strategy one node per client (fedasr/fl/sampling.py); deployment checks the nodes
+        # within node_wait seconds before the first round.
+        "min_available_nodes": per_round,
         "fraction_evaluate": 0.0,
         "min_evaluate_nodes": 0,
         "train_metrics_aggr_fn": aggregate_train_metrics,

@@ -138,7 +138,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
 def check_pipeline_references(config: dict, *, source: str) -> None:
     """What the pipeline config points at: the experiment and model YAMLs (and the keys ``warmup`` / ``central``
     override in them), the fl hparams with their ``set`` overrides, the report's device profile and grid."""
-    from fedasr.fl.config import load_fl_config, parse_overrides
+    from fedasr.fl.config import load_fl_config
     from fedasr.models.hparams import compose_yaml, override_schema
     from fedasr.report.energy import device_profile, grid_intensity
 
@@ -163,7 +163,7 @@ def check_pipeline_references(config: dict, *, source: str) -> None:
     for name in ("cross_silo", "cross_device"):
         section = config[name]
         try:
-            load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
+            load_fl_config(repo_path(section["hparams"]), section.get("set") or {})
         except ValueError as err:  # every key and value, strategy settings included (a trial build)
             raise PipelineError(f"{source}: {name}.hparams / {name}.set: {err}") from None
     try:
@@ -347,15 +347,6 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
                        decoding=layout.config["evaluation"]["decoding"])  # compare's per-speaker plots and intervals
 
 
-def flatten(settings: dict, prefix: str = "") -> list[str]:
-    """Nested overrides -> ``["a.b=value", ...]`` for ``fedasr federate --set``."""
-    items = []
-    for key, value in settings.items():
-        name = f"{prefix}{key}"
-        items.extend(flatten(value, f"{name}.") if isinstance(value, dict) else [f"{name}={json.dumps(value)}"])
-    return items
-
-
 def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
     """Overrides that fit the fl settings to a partition with fewer clients than they assume, and a note for each:
     the recipe's defaults (e.g. 20 speaker-clients per round) then serve a small corpus too."""
@@ -365,22 +356,44 @@ def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
     return {}, []
 
 
-def federate_command(layout: Layout, mode: str, fitted: dict | None = None) -> list[str]:
-    """The `fedasr federate` command of a stage; ``fitted``: overrides from :func:`fit_to_partition`."""
+FL_SETTINGS_FILE = "fl_settings.yaml"  # a federated stage's settings, resolved once by the pipeline
+
+
+def federate_command(layout: Layout, mode: str) -> list[str]:
+    """The `fedasr federate` command of a stage: its resolved settings file (:func:`write_fl_settings`), no overrides."""
     from fedasr.fl.checkpoint import checkpoint_path
 
-    section = layout.config[mode.replace("-", "_")]
     out = layout.run(mode)
-    command = [sys.executable, "-m", "fedasr.cli", "federate", str(repo_path(section["hparams"])), "--mode", mode,
+    command = [sys.executable, "-m", "fedasr.cli", "federate", str(out / FL_SETTINGS_FILE), "--mode", mode,
                "--partition", str(layout.partition(mode)),
                "--seed-checkpoint", str(layout.run("warmup") / "seed_checkpoint"), "--output-dir", str(out),
-               "--dev", str(layout.manifests / "dev.csv"), "--test", str(layout.manifests / "test.csv"),
-               "--set", f"seed={int(layout.config['seed'])}"]
-    for item in flatten({**(section.get("set") or {}), **(fitted or {})}):
-        command += ["--set", item]
+               "--dev", str(layout.manifests / "dev.csv"), "--test", str(layout.manifests / "test.csv")]
     if checkpoint_path(out).exists():
         command.append("--resume")  # an interrupted run continues from its last complete round
     return command
+
+
+def resolve_fl_settings(layout: Layout, mode: str):
+    """The stage's FLConfig: its hparams file, the section's ``set``, the pipeline seed, fitted to the partition;
+    and the notes of what was fitted."""
+    from fedasr.data.partition import load_partition
+    from fedasr.fl.config import load_fl_config
+
+    section = layout.config[mode.replace("-", "_")]
+    overrides = deep_merge(section.get("set") or {}, {"seed": int(layout.config["seed"])})
+    config = load_fl_config(repo_path(section["hparams"]), overrides)
+    fitted, notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
+    if fitted:
+        config = load_fl_config(repo_path(section["hparams"]), deep_merge(overrides, fitted))
+    return config, notes
+
+
+def write_fl_settings(out: Path, config) -> Path:
+    """Every federated setting, resolved, in the hparams format `fedasr federate` reads (complete: no ``extends``)."""
+    path = out / FL_SETTINGS_FILE
+    atomic_write_text(path, "# Resolved by the pipeline from its YAML: the settings this stage ran with.\n"
+                      + yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return path
 
 
 class RoundWatcher(threading.Thread):
@@ -410,17 +423,13 @@ class RoundWatcher(threading.Thread):
 
 
 def do_federate(layout: Layout, mode: str, echo) -> None:
-    from fedasr.data.partition import load_partition
-    from fedasr.fl.config import load_fl_config, parse_overrides
-
-    section = layout.config[mode.replace("-", "_")]
     out = layout.run(mode)
     out.mkdir(parents=True, exist_ok=True)
-    config = load_fl_config(repo_path(section["hparams"]), parse_overrides(flatten(section.get("set") or {})))
-    fitted, notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
+    config, notes = resolve_fl_settings(layout, mode)
     for note in notes:
         echo(f"   {mode}: {note}")
-    command = federate_command(layout, mode, fitted)
+    write_fl_settings(out, config)
+    command = federate_command(layout, mode)
     watcher = RoundWatcher(out / METRICS_FILE, mode, config.rounds, echo)
     watcher.start()
     log_path = out / "federate.log"
@@ -497,7 +506,11 @@ def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.Pat
 def run_pipeline(out: str | os.PathLike, *, config_file: str | os.PathLike = DEFAULT_CONFIG,
                  overrides: dict | None = None, corpus: str | os.PathLike | None = None, start: str | None = None,
                  stop: str | None = None, echo: Callable[[str], None] = print) -> dict:
-    """Run (or resume) the pipeline into ``out``; returns {"states", "report", "seconds"}."""
+    """Run (or resume) the pipeline into ``out``; returns {"states", "report", "seconds"}.
+
+    >>> run_pipeline("out", overrides={"cross_silo": {"set": {"rounds": 3}}}, stop="cross-silo")  # doctest: +SKIP
+    >>> run_pipeline("cv_fr", config_file="hparams/pipeline/commonvoice.yaml", corpus="cv-corpus/fr")  # doctest: +SKIP
+    """
     config = load_pipeline_config(config_file, overrides)
     pipeline = build_pipeline(out, config, corpus=corpus, echo=echo)
     check_writable(pipeline.out, what="pipeline folder")

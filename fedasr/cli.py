@@ -191,8 +191,11 @@ def _add_train_central(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="WER/CER of a checkpoint on a manifest, per speaker and per group")
-    p.add_argument("checkpoint", help="checkpoint folder (e.g. <output_folder>/seed_checkpoint)")
+    p = sub.add_parser("evaluate", help="WER/CER of a model on a manifest, per speaker and per group")
+    p.add_argument("checkpoint", metavar="MODEL",
+                   help="a seed checkpoint folder (<output_folder>/seed_checkpoint of train-central), a federated run "
+                        "folder (--output-dir of federate: its best_model.pt) or a model file of one "
+                        "(best_model.pt, final_model.pt)")
     p.add_argument("manifest", help="manifest CSV to decode (e.g. test.csv)")
     p.add_argument("--decoding", choices=["beam", "greedy"], default="beam")
     p.add_argument("--out", default=None, help="folder for hyps.tsv, wer_report.json and wer_report.txt")

@@ -79,7 +79,8 @@ def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: di
         raise PipelineError(f"{path}: not valid YAML ({err}); compare it with hparams/pipeline/demo.yaml") from None
     source = f"{path} (with the --set overrides)" if overrides else str(path)
     check_pipeline_settings(overrides or {}, source="--set overrides", complete=False)
-    config = deep_merge(config, overrides or {}) if isinstance(config, dict) else config
+    if isinstance(config, dict):
+        config = deep_merge(deep_merge(optional_defaults(), config), overrides or {})
     check_pipeline_settings(config, source=source)
     check_pipeline_references(config, source=source)
     return config
@@ -88,13 +89,28 @@ def load_pipeline_config(path: str | os.PathLike = DEFAULT_CONFIG, overrides: di
 _FIX = "Every key is documented in hparams/pipeline/demo.yaml."
 _FL_SECTION = {"hparams": str, "set": (dict, type(None))}
 _PIPELINE_SCHEMA = {
-    "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "corpus": dict, "prepare": dict,
+    "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "device": str, "precision": str,
+    "corpus": dict, "prepare": dict,
     "partition": {"warmup_speakers": int, "cross_silo_clients": int, "cross_device_clients": (int, type(None)),
                   "min_utterances": int, "valid_fraction": float, "seed": int,
                   "silo_sizes": str, "size_exponent": (int, float), "skew": str, "skew_share": (int, float)},
     "experiment": str, "warmup": dict, "central": dict, "cross_silo": dict, "cross_device": dict,
     "evaluation": {"decoding": str}, "compare": dict,
 }
+
+
+def optional_defaults() -> dict:
+    """Keys a pipeline file written before they existed may lack, with their defaults (the silo layout's are
+    partition_manifest's own): such a file keeps working, and behaves as it did."""
+    import inspect
+
+    from fedasr.data.partition import partition_manifest
+
+    parameters = inspect.signature(partition_manifest).parameters
+    return {"device": "auto", "precision": "fp32",
+            "partition": {key: parameters[key].default for key in SILO_LAYOUT_KEYS}}
+
+
 DECODINGS = ("beam", "greedy")
 SILO_LAYOUT_KEYS = ("silo_sizes", "size_exponent", "skew", "skew_share")  # partition keys of cross-silo only
 
@@ -130,6 +146,12 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
             check_non_iid("cross-silo", **silo_layout)
         except PartitionError as exc:
             raise PipelineError(f"{source}: partition.{exc} {_FIX}") from None
+    if complete:  # a device this machine cannot give: refused before the first stage, not at the warm-up
+        from fedasr.utils.device import DeviceError, check_precision, resolve_device
+        try:
+            check_precision(config["precision"], resolve_device(config["device"], what="device"))
+        except DeviceError as err:
+            raise PipelineError(f"{source}: {err}") from None
     decoding = (config.get("evaluation") or {}).get("decoding")
     if decoding is not None and decoding not in DECODINGS:
         raise PipelineError(f"{source}: evaluation.decoding must be one of {DECODINGS}, got {decoding!r}. {_FIX}")
@@ -138,9 +160,10 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
 def check_pipeline_references(config: dict, *, source: str) -> None:
     """What the pipeline config points at: the experiment and model YAMLs (and the keys ``warmup`` / ``central``
     override in them), the fl hparams with their ``set`` overrides, the report's device profile and grid."""
-    from fedasr.fl.config import load_fl_config
+    from fedasr.fl.simulation import check_simulation_devices
     from fedasr.models.hparams import compose_yaml, override_schema
     from fedasr.report.energy import device_profile, grid_intensity
+    from fedasr.utils.device import DeviceError
 
     try:
         experiment = experiment_file(config)
@@ -161,10 +184,9 @@ def check_pipeline_references(config: dict, *, source: str) -> None:
         check_settings(config[name], experiment_keys, source=source, section=f"{name}.", complete=False, fix=fix,
                        error=PipelineError)
     for name in ("cross_silo", "cross_device"):
-        section = config[name]
-        try:
-            load_fl_config(repo_path(section["hparams"]), section.get("set") or {})
-        except ValueError as err:  # every key and value, strategy settings included (a trial build)
+        try:  # every key and value, strategy settings included (a trial build), and the devices it asks for
+            check_simulation_devices(fl_settings(config, name)[0], source=f"{name}.hparams")
+        except (ValueError, DeviceError) as err:
             raise PipelineError(f"{source}: {name}.hparams / {name}.set: {err}") from None
     try:
         device_profile(config["compare"].get("profile", "v100"))
@@ -339,12 +361,12 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
                  **layout.config["warmup" if setting == "warmup" else "central"]}
     if setting == "warmup":
         overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
-    result = train_central(experiment_file(layout.config), overrides)
+    result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
+                           run_opts={"precision": layout.config["precision"]})
     save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
-    evaluate_run_model(out, out / "seed_checkpoint", None, layout.manifests / "test.csv",  # per-utterance rows:
-                       decoding=layout.config["evaluation"]["decoding"])  # compare's per-speaker plots and intervals
+    evaluate_run_model(layout, setting)
 
 
 def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
@@ -373,19 +395,50 @@ def federate_command(layout: Layout, mode: str) -> list[str]:
     return command
 
 
-def resolve_fl_settings(layout: Layout, mode: str):
-    """The stage's FLConfig: its hparams file, the section's ``set``, the pipeline seed, fitted to the partition;
-    and the notes of what was fitted."""
-    from fedasr.data.partition import load_partition
+def fl_settings(config: dict, name: str, fitted: dict | None = None):
+    """The FLConfig of a federated section (``cross_silo`` / ``cross_device``): its hparams file, the pipeline's
+    device, precision and seed, then the section's ``set`` (which wins), fitted to the devices (and ``fitted``:
+    overrides that fit it to the partition); and the notes of what was fitted."""
     from fedasr.fl.config import load_fl_config
 
-    section = layout.config[mode.replace("-", "_")]
-    overrides = deep_merge(section.get("set") or {}, {"seed": int(layout.config["seed"])})
-    config = load_fl_config(repo_path(section["hparams"]), overrides)
-    fitted, notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
+    section = config[name]
+    explicit = section.get("set") or {}
+    overrides = deep_merge({"device": config["device"], "precision": config["precision"]}, explicit)
+    overrides = deep_merge(overrides, {"seed": int(config["seed"]), **(fitted or {})})
+    fl_config = load_fl_config(repo_path(section["hparams"]), overrides)
+    for_devices, notes = fit_to_devices(fl_config, explicit)
+    if for_devices:
+        fl_config = load_fl_config(repo_path(section["hparams"]), deep_merge(overrides, for_devices))
+    return fl_config, notes
+
+
+def fit_to_devices(config, explicit: dict) -> tuple[dict, list[str]]:
+    """On a GPU (device auto or cuda) the simulated clients get a GPU share unless the section sets
+    ``client_num_gpus`` itself: with the fl hparams' 0 they would train on the CPU while the GPU idles."""
+    from fedasr.fl.simulation import ray_address
+    from fedasr.utils.device import resolve_device
+
+    if ("client_num_gpus" in explicit or float(config.client_num_gpus) > 0 or ray_address(config) is not None
+            or not resolve_device(config.device).startswith("cuda")):
+        return {}, []
+    return {"client_num_gpus": CLIENT_GPU_SHARE}, [
+        f"client_num_gpus 0 -> {CLIENT_GPU_SHARE} (device {config.device}: {round(1 / CLIENT_GPU_SHARE)} clients "
+        "share a GPU; set it in the section's `set` to change)"]
+
+
+CLIENT_GPU_SHARE = 0.25
+
+
+def resolve_fl_settings(layout: Layout, mode: str):
+    """The stage's FLConfig (:func:`fl_settings`) fitted to the partition; and the notes of what was fitted."""
+    from fedasr.data.partition import load_partition
+
+    name = mode.replace("-", "_")
+    config, notes = fl_settings(layout.config, name)
+    fitted, partition_notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
     if fitted:
-        config = load_fl_config(repo_path(section["hparams"]), deep_merge(overrides, fitted))
-    return config, notes
+        config, notes = fl_settings(layout.config, name, fitted)
+    return config, notes + partition_notes
 
 
 def write_fl_settings(out: Path, config) -> Path:
@@ -445,27 +498,19 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
         raise StageFailed(f"{mode}: `fedasr federate` exited with {done.returncode}; log {log_path}:\n{tail}")
     resolved = read_json(out / "fl_config.json")
     save_run_config(out, layout.run_id(mode), resolved)
-    evaluate_run_model(out, layout.run("warmup") / "seed_checkpoint", out / "best_model.pt",
-                       layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"])
+    evaluate_run_model(layout, mode)
 
 
-def evaluate_run_model(out: Path, checkpoint: Path, state_file: Path | None, manifest: Path, *, decoding: str) -> dict:
-    """Per-utterance test decoding of a run's model -> ``<out>/eval/{hyps.tsv,wer_report.json}``."""
-    import torch
+def evaluate_run_model(layout: Layout, setting: str) -> dict:
+    """Per-utterance test decoding of a run's model (a federated run: its best model) ->
+    ``<run>/eval/{hyps.tsv,wer_report.json,wer_report.txt}``: compare's per-speaker plots and intervals."""
+    from fedasr.models.evaluate import evaluate_checkpoint
 
-    from fedasr.metrics.wer import GROUP_COLUMNS, error_report
-    from fedasr.models.evaluate import hyps_tsv
-    from fedasr.models.system import SpeechBrainASRSystem
-
-    system = SpeechBrainASRSystem.from_checkpoint(checkpoint)
-    if state_file is not None:
-        system.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True)["state_dict"])
-    rows, loss = system.transcribe_manifest(manifest, decoding=decoding)
-    report = {**error_report(rows, GROUP_COLUMNS), "manifest": str(manifest), "decoding": decoding, "loss": loss,
-              "model": str(state_file or checkpoint)}
-    atomic_write_text(out / "eval" / "hyps.tsv", hyps_tsv(rows))
-    atomic_write_json(out / "eval" / "wer_report.json", report)
-    return report
+    out = layout.run(setting)
+    model = out / "seed_checkpoint" if setting in ("warmup", "central") else out
+    return evaluate_checkpoint(model, layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"],
+                               out_dir=out / "eval", device=layout.config["device"],
+                               precision=layout.config["precision"])
 
 
 def do_compare(layout: Layout, echo) -> None:
@@ -491,12 +536,12 @@ def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.Pat
               (lambda: do_synth(layout, echo)) if corpus is None else (lambda: echo(f"   using {layout.corpus_dir}"))),
         Stage("prepare", {"prepare": c["prepare"]}, lambda: do_prepare(layout, echo)),
         Stage("partition", {"partition": c["partition"]}, lambda: do_partition(layout, echo)),
-        Stage("warmup", {k: c[k] for k in ("experiment", "model", "seed", "warmup")},
+        Stage("warmup", {k: c[k] for k in ("experiment", "model", "seed", "precision", "warmup")},
               lambda: do_train_central(layout, "warmup", echo)),
-        Stage("central", {k: c[k] for k in ("central", "evaluation")}, lambda: do_train_central(layout, "central", echo)),
-        Stage("cross-silo", {"fl": c["cross_silo"], "evaluation": c["evaluation"]},
+        Stage("central", {k: c[k] for k in ("central", "precision", "evaluation")}, lambda: do_train_central(layout, "central", echo)),
+        Stage("cross-silo", {"fl": c["cross_silo"], "precision": c["precision"], "evaluation": c["evaluation"]},
               lambda: do_federate(layout, "cross-silo", echo)),
-        Stage("cross-device", {"fl": c["cross_device"], "evaluation": c["evaluation"]},
+        Stage("cross-device", {"fl": c["cross_device"], "precision": c["precision"], "evaluation": c["evaluation"]},
               lambda: do_federate(layout, "cross-device", echo)),
         Stage("compare", {"compare": c["compare"]}, lambda: do_compare(layout, echo)),
     ]

@@ -91,6 +91,23 @@ def test_cross_silo_simulation_lowers_the_global_dev_wer(cross_silo_run: Path):
     assert best["dev_wer"] == summary["best_dev_wer"]
 
 
+def test_evaluate_takes_a_federated_run_folder_and_its_model_file(cross_silo_run, prepared_manifests, tmp_path):
+    # `fedasr evaluate` on the run folder decodes its best model (the seed's tokenizer and hparams, named by
+    # fl_config.json): the same test WER the run reported for it; the model file itself gives the same report.
+    summary = json.loads((cross_silo_run / "summary.json").read_text())
+    reports = []
+    for model in (cross_silo_run, cross_silo_run / "best_model.pt"):
+        out = tmp_path / model.name
+        done = subprocess.run([str(BIN / "fedasr"), "evaluate", str(model), str(prepared_manifests / "test.csv"),
+                               "--decoding", "greedy", "--device", "cpu", "--out", str(out)],
+                              env=run_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        reports.append(json.loads((out / "wer_report.json").read_text()))
+    assert reports[0]["overall"] == reports[1]["overall"]
+    assert reports[0]["weights"] == str(cross_silo_run / "best_model.pt")
+    assert reports[0]["overall"]["wer"] == pytest.approx(summary["best_test_wer"], abs=1e-9)
+
+
 def test_killed_after_round_two_and_resumed_matches(cross_silo_run, cross_silo_partition, fl_seed_checkpoint, tmp_path):
     out = tmp_path / "run"
     command = federate_command(cross_silo_partition, fl_seed_checkpoint, out, *TINY)

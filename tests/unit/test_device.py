@@ -244,6 +244,36 @@ def test_cli_federate_with_device_cuda_exits_in_seconds_before_ray_with_nothing_
     assert list(out.iterdir()) == [] and seconds < 60  # interpreter + torch import; Ray never started
 
 
+@needs_no_gpu
+@pytest.mark.parametrize("override", ["device=cuda", "device=cuda:1", "precision=fp16",
+                                      "cross_silo.set.device=cuda"])
+def test_pipeline_refuses_an_unusable_device_before_the_first_stage(override, tmp_path, capsys):
+    out = tmp_path / "demo"
+    started = time.perf_counter()
+    code, err = cli(["demo", str(out), "--set", override], capsys)
+    assert code == 2 and not out.exists() and time.perf_counter() - started < 20
+    assert "asks for a CUDA GPU" in err or "fp16 needs a CUDA device" in err
+    assert ("cross_silo.hparams" in err) == override.startswith("cross_silo")  # the section that asked is named
+
+
+def test_pipeline_device_and_precision_reach_every_federated_stage_unless_a_section_sets_its_own(fake_gpus):
+    from fedasr.pipeline import fl_settings, load_pipeline_config
+
+    fake_gpus(0)
+    config = load_pipeline_config(overrides={"precision": "bf16", "cross_device": {"set": {"precision": "fp32"}}})
+    silo, notes = fl_settings(config, "cross_silo")
+    assert (silo.device, silo.precision, silo.client_num_gpus, notes) == ("auto", "bf16", 0, [])
+    assert fl_settings(config, "cross_device")[0].precision == "fp32"
+    # With a GPU the simulated clients get a share of it (a logged note), unless the section chose its own.
+    fake_gpus(1)
+    silo, notes = fl_settings(config, "cross_silo")
+    assert silo.client_num_gpus == 0.25 and "client_num_gpus 0 -> 0.25" in notes[0]
+    config["cross_silo"]["set"] = {"client_num_gpus": 0}
+    assert fl_settings(config, "cross_silo")[0].client_num_gpus == 0
+    config["device"] = "cpu"
+    assert fl_settings(config, "cross_device")[0].client_num_gpus == 0
+
+
 # ---------------------------------------------------------------------------------------------- models on the device
 
 

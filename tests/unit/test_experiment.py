@@ -104,6 +104,20 @@ def test_pipeline_config_overrides_and_errors(tmp_path):
 
 
 
+def test_a_pipeline_file_from_before_the_device_and_silo_layout_keys_still_loads(tmp_path):
+    # A user's pipeline file (or a finished pipeline folder's pipeline.yaml) written before `device`, `precision`
+    # and the partition's silo layout keys existed keeps working, with the behaviour it had.
+    current = yaml.safe_load((REPO / "hparams" / "pipeline" / "demo.yaml").read_text())
+    older = {k: v for k, v in current.items() if k not in ("device", "precision")}
+    older["partition"] = {k: v for k, v in current["partition"].items()
+                          if k not in ("silo_sizes", "size_exponent", "skew", "skew_share")}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(older))
+    config = load_pipeline_config(path)
+    assert (config["device"], config["precision"]) == ("auto", "fp32")
+    assert config["partition"] == current["partition"]  # the demo's silo layout is partition_manifest's default
+
+
 @pytest.mark.parametrize("hparams", ["hparams/fl/cross_silo.yaml", "hparams/fl/cross_device.yaml", "hparams/fl/paper.yaml"])
 def test_a_federated_stage_runs_from_one_resolved_settings_file(tmp_path, hparams):
     """The pipeline resolves a stage's settings once (file + set + seed + fitting) and hands `fedasr federate` that

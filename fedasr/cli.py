@@ -65,6 +65,16 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _optional_float(text: str) -> float | None:
+    """A number, or none/null for "off"."""
+    if text.strip().lower() in ("none", "null", "off"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="Common Voice release folder -> train/dev/test manifests")
     p.add_argument("cv_dir", help="Common Voice folder of one locale (clips/, train.tsv, dev.tsv, test.tsv)")
@@ -84,6 +94,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--splits", nargs="+", default=["train", "dev", "test"], help="which TSVs to prepare")
     p.add_argument("--force", action="store_true", help="redo even if the outputs are up to date")
+    p.add_argument("--max-chars-per-second", type=_optional_float, default=30.0,
+                   help="skip clips whose transcript is longer than this many characters per second of audio: a "
+                        "truncated mp3 keeps its full sentence (default 30; 'none': no check)")
+    p.add_argument("--warn-longer-than", type=_optional_float, default=10.0,
+                   help="count and report clips longer than this many seconds, kept (default 10; 'none': no warning)")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.data.commonvoice import prepare_common_voice, report_table
@@ -102,6 +117,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             generic_normalizer=args.generic_normalizer,
             splits=tuple(args.splits),
             force=args.force,
+            max_chars_per_second=args.max_chars_per_second,
+            warn_longer_than=args.warn_longer_than,
         )
         print(report_table(report))
         return 0

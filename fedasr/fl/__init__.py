@@ -51,5 +51,5 @@ round.
 
 Outputs in OUT: metrics.jsonl (one line per round; round 0 = the seed), summary.json, best_model.pt and
 final_model.pt ({"state_dict", "round", "dev_wer"}: load into the seed's ASRSystem), checkpoints/server_state.pt
-(the resumable state of the last complete round), fl_config.json (resolved settings, simulation).
+(the resumable state of the last complete round), fl_config.json (the resolved settings), energy.json.
 """

@@ -62,7 +62,7 @@ class Privacy:
     clipping_norm: float = 1.0  # C: L2 bound of one client's update (x_k - x), enforced on the client
     per_layer: bool = False  # clip each array to C / sqrt(number of arrays) instead of the whole update to C
     delta: float = 1e-5  # epsilon is reported at this delta; must be < 1 / number of clients
-    accounting: str = "poisson"  # poisson (amplification by sampling q = clients_per_round / clients) | no-amplification
+    accounting: str = "sampled"  # sampled (amplification by the m-of-N sampling done) | no-amplification
     secure_noise: bool = False  # False: noise seeded by `seed` (reproducible research runs); True: OS entropy
     frozen_keys: list = field(default_factory=lambda: ["*.glob_mean", "*.glob_std"])  # never taken from clients
 
@@ -270,8 +270,8 @@ def check_privacy(config: FLConfig) -> str | None:
         return f"privacy needs noise_multiplier >= 0 and clipping_norm > 0, got {p.noise_multiplier} and {p.clipping_norm}"
     if not 0 < p.delta < 1:
         return f"privacy.delta must lie in (0, 1), got {p.delta}"
-    if p.accounting not in ("poisson", "no-amplification"):
-        return f"privacy.accounting must be poisson or no-amplification, got {p.accounting!r}"
+    if p.accounting not in ("sampled", "no-amplification", "poisson"):  # poisson: the old name of sampled
+        return f"privacy.accounting must be sampled or no-amplification, got {p.accounting!r}"
     if not isinstance(p.frozen_keys, list) or not all(isinstance(k, str) for k in p.frozen_keys):
         return f"privacy.frozen_keys must be a list of key patterns, got {p.frozen_keys!r}"
     return None

@@ -58,6 +58,7 @@ class MetricsRow(TypedDict, total=False):
     # Client-level differential privacy (privacy.enabled only).
     dp_epsilon: float | None  # epsilon after this round at dp_delta (None: infinite, no noise)
     dp_delta: float
+    dp_relation: str  # the neighbouring relation epsilon holds for: replace-one (m of N sampled) | add-or-remove-one
     dp_noise_std: float  # std of the Gaussian noise added to the average (absent in a skipped round)
     dp_max_update_norm: float  # largest L2 norm of a received update, before the server's clipping
     dp_clipped_fraction: float  # share of the received updates at the clipping norm

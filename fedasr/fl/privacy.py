@@ -359,7 +359,8 @@ class ClientLevelDP(RoundStrategy, Strategy):
     def round_report(self, server_round: int) -> dict:
         """Columns of metrics.jsonl for a round, skipped or not: epsilon so far and delta."""
         epsilon = self.epsilon(server_round)
-        return {"dp_epsilon": epsilon if math.isfinite(epsilon) else None, "dp_delta": self.delta}
+        return {"dp_epsilon": epsilon if math.isfinite(epsilon) else None, "dp_delta": self.delta,
+                "dp_relation": self.relation}
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)

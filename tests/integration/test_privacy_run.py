@@ -44,6 +44,7 @@ def test_dp_cross_silo_run_clips_noises_and_reports_epsilon(cross_silo_partition
     for row in rows[1:]:
         # 4 silos, all sampled: q = 1, so epsilon is that of `round` Gaussian releases of noise multiplier NOISE.
         assert row["dp_epsilon"] == pytest.approx(dp_epsilon(NOISE, row["round"], 1.0, DELTA))
+        assert row["dp_relation"] == "add-or-remove-one"  # no sampling: the add-or-remove-one figure
         assert row["dp_noise_std"] == pytest.approx(NOISE * CLIP / 4)
         # Local SGD moves the model by more than CLIP (about 0.5-1 here): every update arrived clipped to CLIP.
         assert row["dp_clipped_fraction"] == 1.0

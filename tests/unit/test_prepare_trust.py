@@ -15,6 +15,8 @@ Item -> test:
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from pathlib import Path
 
@@ -201,3 +203,20 @@ def test_clips_longer_than_10_s_are_counted_and_warned(tmp_path, caplog):
     dropped = prepare_common_voice(release, tmp_path / "out2", lang="fr", workers=1, splits=("train",),
                                    max_duration=10.0)  # what the Common Voice pipeline YAML sets
     assert dropped["splits"]["train"]["skipped"] == {"too_long": 1} and dropped["long_clips"] == 0
+
+
+def test_the_cli_sets_and_turns_off_the_new_checks(tmp_path, capsys):
+    from fedasr.cli import main as cli_main
+
+    release = make_release(tmp_path / "cv", {"short.mp3": 2.0, "long.mp3": 12.0},
+                           {"train": [("short.mp3", "le chat dort"), ("long.mp3", "la pluie tombe sur la ville")]})
+    # "le chat dort": 10 characters (spaces not counted) in 2 s; a bound of 4 a second skips it (the long clip, 1.9
+    # a second, stays); 'none' keeps both rows.
+    assert cli_main(["prepare", str(release), str(tmp_path / "strict"), "--lang", "fr", "--workers", "1",
+                     "--splits", "train", "--max-chars-per-second", "4", "--warn-longer-than", "none"]) == 0
+    strict = json.loads((tmp_path / "strict" / "prepare_report.json").read_text())
+    assert strict["splits"]["train"]["skipped"] == {"implausible_speech_rate": 1} and strict["long_clips"] == 0
+    assert cli_main(["prepare", str(release), str(tmp_path / "loose"), "--lang", "fr", "--workers", "1",
+                     "--splits", "train", "--max-chars-per-second", "none"]) == 0
+    loose = json.loads((tmp_path / "loose" / "prepare_report.json").read_text())
+    assert loose["splits"]["train"]["kept"] == 2 and loose["long_clips"] == 1

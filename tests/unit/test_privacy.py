@@ -261,6 +261,9 @@ def test_every_client_every_round_gets_no_amplification():
     assert silo.relation == "add-or-remove-one" and silo.epsilon(20) == pytest.approx(dp_epsilon(1.0, 20, 1.0, 1e-5))
     sampled = with_privacy(inner, Privacy(enabled=True, delta=1e-6), num_clients=12, clients_per_round=4, seed=0)
     assert sampled.relation == "replace-one" and sampled.epsilon(5) == client_level_epsilon(1.0, 5, 12, 4, 1e-6)[0]
+    # metrics.jsonl says which relation each round's epsilon holds for.
+    assert sampled.round_report(5) == {"dp_epsilon": sampled.epsilon(5), "dp_delta": 1e-6, "dp_relation": "replace-one"}
+    assert silo.round_report(1)["dp_relation"] == "add-or-remove-one"
 
 
 # ---- the real server loop with DP (fake ASR system, in-process grid) ---------------------------------------------------

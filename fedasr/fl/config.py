@@ -49,8 +49,8 @@ class Evaluation:
     decoding: str = "greedy"  # decoding of the per-round dev evaluation
     dev_max_utterances: int | None = None  # None: the whole dev set every round
     test_every: int = 0  # 0: test WER at the end only
-    test_decoding: str = "greedy"
-    server_wer_utterances: int = 50  # size of the fixed server-held subset scoring each client (wer_source=server)
+    test_decoding: str = "beam"
+    server_wer_utterances: int = 100  # size of the fixed server-held subset scoring each client (wer_source=server)
 
 
 @dataclass
@@ -82,14 +82,14 @@ class SecureAggregation:
 @dataclass
 class FLConfig:
     mode: str = "cross-silo"
-    rounds: int = 5
-    local_epochs: int = 1
-    lr: float = 0.1
+    rounds: int = 20
+    local_epochs: int = 5
+    lr: float = 0.001
     batch_size: int = 8
     seed: int = 1234
     clients_per_round: int | None = None  # None: all clients (cross-silo)
     client_optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
-    strategy: dict = field(default_factory=lambda: {"name": "wer-softmax", "temperature": 1.0})
+    strategy: dict = field(default_factory=lambda: {"name": "wer-softmax", "temperature": 1.0, "mix": 1.0, "server_lr": 1.0})
     wer_source: str = "server"
     annealing: Annealing = field(default_factory=Annealing)
     evaluation: Evaluation = field(default_factory=Evaluation)

@@ -129,3 +129,11 @@ def test_a_federated_stage_runs_from_one_resolved_settings_file(tmp_path, hparam
     path = write_fl_settings(tmp_path, config)
     assert load_fl_config(path) == config
     assert "extends" not in path.read_text()
+
+
+def test_fl_defaults_live_in_one_place():
+    # hparams/fl/cross_silo.yaml documents every federated key with its default; FLConfig's dataclass defaults (what
+    # a file that omits a key gets) must be the same values, so the two cannot drift apart again.
+    from fedasr.fl.config import FLConfig, load_fl_config
+
+    assert FLConfig().to_dict() == load_fl_config(REPO / "hparams" / "fl" / "cross_silo.yaml").to_dict()

@@ -33,7 +33,7 @@ from fedasr.models.dataio import make_dataset
 from fedasr.models.hparams import build_from_text
 from fedasr.models.model import DECODING_MODES, AcousticModel, build_acoustic_model
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer
-from fedasr.utils.device import autocast, check_precision, release_gpu_memory, resolve_device
+from fedasr.utils.device import autocast, check_precision, loader_options, release_gpu_memory, resolve_device
 
 
 class StateDictMismatch(ValueError):
@@ -84,6 +84,11 @@ class SpeechBrainASRSystem:
         self.model.load_state_dict(state)
         self.model.freeze_normalizer()
 
+    def loader_options(self) -> dict:
+        """Workers and pinned memory of this system's DataLoaders (hparams ``num_workers``: auto = none on the CPU,
+        a few on a GPU; see fedasr.utils.device.loader_options)."""
+        return loader_options(self.device, self.hparams.get("num_workers", "auto"))
+
     # ---- local training --------------------------------------------------------------------------------------
     def fit(self, manifest: str | Path, *, epochs: int, lr: float, batch_size: int, seed: int,
             proximal_mu: float = 0.0, optimizer: str = "sgd", momentum: float = 0.0) -> FitResult:
@@ -98,7 +103,7 @@ class SpeechBrainASRSystem:
         torch.manual_seed(seed)
         dataset = make_dataset(manifest, self.tokenizer, sample_rate=self.hparams["sample_rate"], sorting="random")
         sampler = ReproducibleRandomSampler(dataset, seed=seed)
-        loader = make_dataloader(dataset, batch_size=batch_size, sampler=sampler)
+        loader = make_dataloader(dataset, batch_size=batch_size, sampler=sampler, **self.loader_options())
         anchor = [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu else []
         brain = ASRBrain(
             modules={"model": self.model},
@@ -132,7 +137,8 @@ class SpeechBrainASRSystem:
             raise ValueError(f"decoding must be one of {DECODING_MODES}, not {decoding!r}")
         dataset = make_dataset(manifest, self.tokenizer, sample_rate=self.hparams["sample_rate"],
                                sorting="ascending", max_utterances=max_utterances)
-        loader = make_dataloader(dataset, batch_size=int(self.hparams.get("eval_batch_size", 8)))
+        loader = make_dataloader(dataset, batch_size=int(self.hparams.get("eval_batch_size", 8)),
+                                 **self.loader_options())
         rows: list[dict] = []
         loss_sum, count = 0.0, 0
         self.model.eval()

@@ -378,3 +378,30 @@ def test_bf16_training_and_decoding_on_the_cpu_keep_fp32_weights(tiny_system_inp
     state = system.state_dict()
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}  # what travels stays fp32
     assert system.evaluate(manifest, decoding="greedy").num_utterances == 4
+
+
+def test_loader_options_keep_the_cpu_for_training_and_feed_a_gpu():
+    from fedasr.utils.device import loader_options
+
+    assert loader_options("cpu") == {"num_workers": 0, "pin_memory": False}
+    gpu = loader_options("cuda:0")
+    assert gpu["pin_memory"] and 0 <= gpu["num_workers"] <= 4
+    assert loader_options("cpu", 2) == {"num_workers": 2, "pin_memory": False, "persistent_workers": False}
+    with pytest.raises(ValueError, match="num_workers must be auto or an integer"):
+        loader_options("cpu", -1)
+
+
+def test_a_fit_with_loader_workers_trains_exactly_as_without(tiny_system_inputs):
+    # Workers decode audio in other processes (the tokenizer and the dynamic items must pickle); the batches, so
+    # the trained weights, are the same as with none.
+    from fedasr.models.system import SpeechBrainASRSystem
+
+    seed, manifest = tiny_system_inputs
+    results = []
+    for workers in (0, 2):
+        system = SpeechBrainASRSystem.from_checkpoint(seed, overrides={"num_workers": workers}, device="cpu")
+        assert system.loader_options()["num_workers"] == workers
+        fit = system.fit(manifest, epochs=1, lr=0.05, batch_size=2, seed=1, optimizer="adam")
+        results.append((fit.train_loss, system.state_dict()))
+    (loss0, state0), (loss2, state2) = results
+    assert loss0 == loss2 and all(torch.equal(state0[k], state2[k]) for k in state0)

@@ -173,27 +173,34 @@ def _add_partition(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train_central(sub: argparse._SubParsersAction) -> None:
+    from fedasr.utils.settings import OVERRIDE_RULE
+
     p = sub.add_parser(
         "train-central",
         help="centralized / warm-up training from an experiment YAML; exports a seed checkpoint",
         description="Train on train_csv (warm-up: <partition>/warmup/train.csv), anneal on dev WER, keep the best "
         "checkpoint, test it and export <output_folder>/seed_checkpoint. Re-running resumes an interrupted run. "
         "After HPARAMS: SpeechBrain's run options as SpeechBrain recipes take them (--device=cuda:0 "
-        "--precision=bf16 --noprogressbar ...) and the hparams overrides: --key=value (SpeechBrain style) or a YAML "
-        "mapping string.",
+        "--precision=bf16 --noprogressbar ...) and the hparams overrides: --set key=value (as every fedasr command "
+        "takes them), --key=value (SpeechBrain style: the same as --set key=value) or a YAML mapping string; "
+        "applied in order. " + OVERRIDE_RULE,
     )
     p.add_argument("--device", default=None,
                    help="auto | cpu | cuda | cuda:N (default auto: a GPU when torch sees one); may also follow HPARAMS")
     p.add_argument("--progressbar", action="store_true", help="show SpeechBrain's progress bars")
+    p.add_argument("--set", dest="set_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of HPARAMS, e.g. --set number_of_epochs=3 --set decoding.beam_size=8 (also "
+                   "after HPARAMS; applied before the overrides that follow HPARAMS)")
     p.add_argument("hparams", help="experiment YAML, e.g. hparams/CommonVoice/fr.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
                    help="run options, e.g. --device=cuda:0 --precision=bf16 --noprogressbar, and overrides, e.g. "
-                   "--manifest_folder=DIR --output_folder=DIR --number_of_epochs=3 --model=crdnn_tiny")
+                   "--set number_of_epochs=3 --set model=crdnn_tiny --manifest_folder=DIR --output_folder=DIR")
 
     def run(args: argparse.Namespace) -> int:
         from fedasr.models.train import split_run_options, train_central
 
         run_opts, overrides = split_run_options(args.overrides)
+        overrides = [item for pair in args.set_overrides for item in ("--set", pair)] + overrides
         device = run_opts.pop("device", None)
         if device is not None and args.device is not None and device != args.device:
             raise ValueError(f"two devices given: --device {args.device} before HPARAMS and --device={device} after "
@@ -208,14 +215,21 @@ def _add_train_central(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="WER/CER of a model on a manifest, per speaker and per group")
+    p = sub.add_parser("evaluate", help="WER/CER of a model on a manifest, per speaker and per group",
+                       description="Decode MANIFEST with MODEL and print WER, CER and the word insertions, deletions "
+                       "and substitutions, overall and per speaker / gender / age / accent (errors summed over "
+                       "utterances, divided by the reference words). With --out, wer.txt shows each utterance's "
+                       "reference and hypothesis aligned word by word, each error marked (I, D, S).")
     p.add_argument("checkpoint", metavar="MODEL",
                    help="a seed checkpoint folder (<output_folder>/seed_checkpoint of train-central), a federated run "
                         "folder (--output-dir of federate: its best_model.pt) or a model file of one "
                         "(best_model.pt, final_model.pt)")
     p.add_argument("manifest", help="manifest CSV to decode (e.g. test.csv)")
     p.add_argument("--decoding", choices=["beam", "greedy"], default="beam")
-    p.add_argument("--out", default=None, help="folder for hyps.tsv, wer_report.json and wer_report.txt")
+    p.add_argument("--out", default=None,
+                   help="folder for hyps.tsv (one line per utterance), wer_report.json and wer_report.txt (WER, CER "
+                   "and insertions / deletions / substitutions, overall and per group) and wer.txt (each utterance's "
+                   "word alignment, SpeechBrain's wer.txt format)")
     p.add_argument("--max-utterances", type=int, default=None, help="decode only the first N utterances")
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda | cuda:N (default auto: a GPU when torch sees one)")

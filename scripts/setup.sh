@@ -49,7 +49,7 @@ if spec and spec.submodule_search_locations:
     for lib in libs:
         os.remove(lib)
 PY
-"$VENV/bin/python" -c "import torch, speechbrain, flwr, sentencepiece, jiwer, soundfile; print('[setup] ok: torch', torch.__version__, 'speechbrain', speechbrain.__version__, 'flwr', flwr.__version__)"
+"$VENV/bin/python" -c "import torch, speechbrain, flwr, sentencepiece, soundfile; print('[setup] ok: torch', torch.__version__, 'speechbrain', speechbrain.__version__, 'flwr', flwr.__version__)"
 ensure_flower_defaults
 rm -f "$VENV"/.fedasr-setup-*
 touch "$stamp"

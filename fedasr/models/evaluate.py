@@ -7,12 +7,13 @@ import io
 import os
 from pathlib import Path
 
-from fedasr.metrics.wer import GROUP_COLUMNS, error_report, format_report
+from fedasr.metrics.wer import GROUP_COLUMNS, alignments_text, error_report, format_report
 from fedasr.models.system import SpeechBrainASRSystem
 from fedasr.utils.device import check_precision, resolve_device
 from fedasr.utils.io import atomic_write_json, atomic_write_text, read_json
 
-HYPS_COLUMNS = ("ID", "spk_id", "gender", "age", "accents", "errors", "words", "ref", "hyp")
+HYPS_COLUMNS = ("ID", "spk_id", "gender", "age", "accents", "errors", "words", "ref", "hyp")  # compare reads these
+ALIGNMENTS_FILE = "wer.txt"  # per-utterance word alignments (SpeechBrain's wer.txt), beside hyps.tsv
 
 
 def hyps_tsv(rows: list[dict]) -> str:
@@ -68,7 +69,11 @@ def evaluate_checkpoint(model: str | os.PathLike, manifest: str | os.PathLike, *
                         out_dir: str | os.PathLike | None = None, max_utterances: int | None = None,
                         device: str = "auto", precision: str = "fp32") -> dict:
     """Decode ``manifest`` with a model; returns the report (overall + groups) and writes, in ``out_dir``:
-    ``hyps.tsv`` (one line per utterance), ``wer_report.json`` and ``wer_report.txt`` (the printed table).
+    ``hyps.tsv`` (one line per utterance), ``wer_report.json`` and ``wer_report.txt`` (the printed table) and
+    ``wer.txt`` (each utterance's word alignment with its errors marked, SpeechBrain's format).
+
+    The report holds, overall and per value of each group column, the word errors split into ``insertions``,
+    ``deletions`` and ``substitutions``: each summed over the utterances, like ``word_errors``.
 
     ``model``: a seed checkpoint folder, a federated run folder (its best model) or a model file of one (see
     :func:`locate_model`); ``device``: auto | cpu | cuda | cuda:N (an unusable one is refused before the
@@ -93,6 +98,7 @@ def evaluate_checkpoint(model: str | os.PathLike, manifest: str | os.PathLike, *
         atomic_write_text(out_dir / "hyps.tsv", hyps_tsv(rows))
         atomic_write_json(out_dir / "wer_report.json", report)
         atomic_write_text(out_dir / "wer_report.txt", report["table"] + "\n")
+        atomic_write_text(out_dir / ALIGNMENTS_FILE, alignments_text(rows))
     return report
 
 

@@ -10,7 +10,9 @@ Layout (each YAML file documents itself in its header):
 
 Composition is textual and keeps HyperPyYAML tags: the base's top-level blocks, then the model's blocks (a key
 in both is an error), then each overlay replaces whole top-level blocks (a key that exists nowhere is an error).
-Command-line overrides are then applied by HyperPyYAML with ``overrides_must_match`` (unknown keys are errors).
+Command-line overrides (``--key=value`` as SpeechBrain takes them, or ``--set key=value`` as every fedasr command
+takes them, dotted where the YAML nests) are then applied by HyperPyYAML with ``overrides_must_match`` (unknown
+keys are errors).
 ``model`` may name a YAML in ``hparams/models`` or be a path to a model YAML.
 """
 
@@ -28,7 +30,7 @@ import ruamel.yaml
 import torch
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 
-from fedasr.utils.settings import check_settings, did_you_mean
+from fedasr.utils.settings import check_settings, deep_merge, did_you_mean, parse_dotted_overrides
 
 _TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
 EXTENDS_KEY = "extends"
@@ -48,8 +50,20 @@ class Experiment:
     source: Path
 
 
+SET_OPTION = "--set"
+
+
 def parse_overrides(args: Sequence[str] | str | dict | None) -> dict:
-    """SpeechBrain-style overrides: ``["--number_of_epochs=3", "--lr", "0.5"]``, a YAML mapping string, or a dict."""
+    """Command-line overrides -> dict: SpeechBrain's ``--key=value`` / ``--key value``, fedasr's ``--set key=value``
+    (``--set=key=value``; dotted keys where the YAML nests: ``--set decoding.beam_size=8``), YAML mapping strings;
+    or a YAML mapping string, or a dict.
+
+    ``["--number_of_epochs=3", "--lr", "0.5", "--set", "decoding.beam_size=8"]`` ->
+    ``{"number_of_epochs": 3, "lr": 0.5, "decoding": {"beam_size": 8}}``. Every value is read by the YAML 1.2 reader
+    HyperPyYAML reads the experiment with, so ``--set lr=1e-3`` equals ``--lr=1e-3``; ``--set`` goes through the
+    parser of every fedasr ``--set`` option (:func:`fedasr.utils.settings.parse_dotted_overrides`). Items apply in
+    order: a key given twice keeps the later value, a dotted one merges into its section.
+    """
     if args is None:
         return {}
     if isinstance(args, dict):
@@ -61,17 +75,44 @@ def parse_overrides(args: Sequence[str] | str | dict | None) -> dict:
     i = 0
     while i < len(items):
         item = items[i]
-        if item.startswith("--"):
+        if item == SET_OPTION or item.startswith(SET_OPTION + "="):
+            if item == SET_OPTION:
+                if i + 1 >= len(items):
+                    raise HparamsError(f"{SET_OPTION} has no KEY=VALUE after it: write e.g. "
+                                       f"{SET_OPTION} number_of_epochs=3.")
+                pair, i = items[i + 1], i + 1
+            else:
+                pair = item[len(SET_OPTION) + 1:]
+            try:
+                given = parse_dotted_overrides([pair], example=f"{SET_OPTION} number_of_epochs=3", load=_read_value)
+            except ValueError as err:
+                raise HparamsError(str(err)) from None
+        elif item.startswith("--"):
             key, eq, value = item[2:].partition("=")
             if not eq:
                 if i + 1 >= len(items):
                     raise HparamsError(f"override --{key} has no value: write --{key}=VALUE.")
                 value, i = items[i + 1], i + 1
-            overrides[key] = ruamel.yaml.YAML(typ="safe", pure=True).load(value) if value != "" else ""
+            given = {key: _yaml_value(value, f"override --{key}")}
         else:
-            overrides.update(_yaml_mapping(item, f"override {item!r}"))
+            given = _yaml_mapping(item, f"override {item!r}")
+        for key, value in given.items():  # later wins; a dotted --set merges into the section given before it
+            overrides[key] = deep_merge(overrides[key], value) if isinstance(value, dict) and isinstance(
+                overrides.get(key), dict) else value
         i += 1
     return overrides
+
+
+def _read_value(text: str) -> Any:
+    """One command-line value, read as HyperPyYAML reads the experiment (YAML 1.2); ``""`` stays ``""``."""
+    return ruamel.yaml.YAML(typ="safe", pure=True).load(text) if text != "" else ""
+
+
+def _yaml_value(text: str, what: str) -> Any:
+    try:
+        return _read_value(text)
+    except ruamel.yaml.YAMLError as err:
+        raise HparamsError(f"{what}: {text!r} is not a YAML value ({getattr(err, 'problem', None) or err})") from None
 
 
 def _yaml_mapping(text: str, what: str) -> dict:
@@ -160,7 +201,7 @@ def compose_yaml(experiment_file: str | os.PathLike, model: str | None = None) -
         raise HparamsError(f"{model_path}: keys {clash} are already defined by {root_path}; rename them in the model YAML.")
     blocks = {**root_blocks, **{k: v for k, v in model_blocks.items() if k}}
     blocks[""] = root_blocks.get("", "")
-    schema = override_schema("".join(blocks.values()))
+    schema = override_schema("".join(blocks.values()), nested=False)
     for path, overlay in chain[1:]:
         for key, block in overlay.items():
             if not key:
@@ -185,18 +226,24 @@ def _plain_value(block: str, key: str) -> Any:
         return None
 
 
-def override_schema(text: str) -> dict:
+def override_schema(text: str, nested: bool = True) -> dict:
     """The keys an override may set in a composed YAML, with the type a plain number or true/false there keeps.
 
     A number may be replaced by a number or null, true/false by true/false or null; tagged values, text and null
-    accept anything, as HyperPyYAML does. Checked up front: a number given as text fails only when training starts."""
-    schema = {}
-    for key, block in split_blocks(text).items():
-        if key:
-            value = _plain_value(block, key)
-            schema[key] = ((bool, type(None)) if isinstance(value, bool) else
-                           (float, type(None)) if isinstance(value, (int, float)) else None)
-    return schema
+    accept anything, as HyperPyYAML does. Checked up front: a number given as text fails only when training starts.
+    ``nested``: the keys of a plain (untagged) mapping such as ``decoding`` are checked too, as a mapping of their
+    own: HyperPyYAML merges a nested override (``--set decoding.beam_size=8``) into the mapping and checks only the
+    top-level keys, so a typo below would pass silently. Overlays replace whole blocks: their check is not nested."""
+    def value_schema(value):
+        if isinstance(value, bool):
+            return (bool, type(None))
+        if isinstance(value, (int, float)):
+            return (float, type(None))
+        if nested and isinstance(value, dict) and value:
+            return {str(k): value_schema(v) for k, v in value.items()}
+        return None
+
+    return {key: value_schema(_plain_value(block, key)) for key, block in split_blocks(text).items() if key}
 
 
 def check_override_keys(text: str, overrides: dict, source: str, schema: dict | None = None) -> None:

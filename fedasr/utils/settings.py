@@ -11,21 +11,41 @@ import logging
 import yaml
 
 
-def parse_dotted_overrides(pairs: list[str] | None, example: str = "--set rounds=3") -> dict:
-    """``["strategy.temperature=0.05", "rounds=3"]`` -> nested dict; values parsed as YAML scalars.
+OVERRIDE_RULE = (
+    "Every fedasr command that reads a settings YAML (train-central, federate, demo/pipeline) takes "
+    "--set KEY=VALUE, repeatable: KEY is a key of that YAML, dotted where the YAML nests (--set "
+    "strategy.temperature=0.05); VALUE is a YAML value (3, 0.5, true, null, [a, b], {k: v}); a key given twice "
+    "keeps the later value; an unknown key is an error naming the closest valid one."
+)
 
-    A pair without ``=`` or with an empty key is a ``ValueError`` naming the pair and showing ``example``.
+
+def parse_dotted_overrides(pairs: list[str] | None, example: str = "--set rounds=3", load=yaml.safe_load) -> dict:
+    """``["strategy.temperature=0.05", "rounds=3"]`` -> nested dict; values parsed as YAML scalars by ``load``.
+
+    The one parser of every ``--set KEY=VALUE`` option (see :data:`OVERRIDE_RULE`). ``load``: the YAML reader of a
+    value (PyYAML's ``safe_load`` by default; train-central passes the YAML 1.2 reader HyperPyYAML reads its files
+    with, so ``--set lr=1e-3`` equals SpeechBrain's ``--lr=1e-3``). A key given twice keeps the later value, also
+    when one of the two is a dotted key below the other (``a=1`` then ``a.b=2`` -> ``{"a": {"b": 2}}``). A pair
+    without ``=``, with an empty key or key part, or with a value that is not YAML is a ``ValueError`` naming the pair
+    and showing ``example``.
     """
     nested: dict = {}
     for pair in pairs or []:
         key, eq, raw = pair.partition("=")
-        if not eq or not key.strip():
+        parts = [part.strip() for part in key.split(".")]
+        if not eq or not all(parts):
             raise ValueError(f"override {pair!r} is not KEY=VALUE (e.g. {example})")
+        try:
+            value = load(raw)
+        except Exception as err:  # noqa: BLE001 - each YAML library raises its own error types
+            problem = getattr(err, "problem", None) or err  # PyYAML's and ruamel's errors: the short reason
+            raise ValueError(f"override {pair!r}: {raw!r} is not a YAML value ({problem}; e.g. {example})") from None
         node = nested
-        parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node.get(part), dict):
+                node[part] = {}  # a value given earlier for the section itself: the later, dotted one wins
+            node = node[part]
+        node[parts[-1]] = value
     return nested
 
 

@@ -152,3 +152,67 @@ def test_initial_weights_are_reproducible_from_the_yaml_seed():
     third = build("synth.yaml", "--seed=7")[1].state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["roles.ctc_head.w.weight"], third["roles.ctc_head.w.weight"])
+
+
+# ---- one override syntax: --set KEY=VALUE everywhere, SpeechBrain's --key=value kept (issue 15) ---------------------
+
+def train_central_overrides(monkeypatch, capsys, *args: str) -> tuple[int, dict]:
+    """Run `fedasr train-central` up to the experiment it would train: (exit code, {"yaml", "hparams"})."""
+    import fedasr.models.train as train
+    from fedasr.cli import main
+
+    seen = {}
+
+    def fake_train_central(experiment_file, overrides, **options):
+        exp = load_experiment(experiment_file, overrides)
+        seen.update(yaml=exp.resolved_yaml, hparams=exp.hparams, options=options)
+        return {}
+
+    monkeypatch.setattr(train, "train_central", fake_train_central)
+    code = main(["train-central", *args])
+    capsys.readouterr()
+    return code, seen
+
+
+def test_train_central_set_equals_speechbrain_style(monkeypatch, capsys):
+    synth = str(HPARAMS / "CommonVoice" / "synth.yaml")
+    _, sb_style = train_central_overrides(monkeypatch, capsys, synth, *REQUIRED, "--number_of_epochs=3")
+    _, set_form = train_central_overrides(monkeypatch, capsys, synth, *REQUIRED, "--set", "number_of_epochs=3")
+    _, before = train_central_overrides(monkeypatch, capsys, "--set", "number_of_epochs=3", synth, *REQUIRED)
+    _, joined = train_central_overrides(monkeypatch, capsys, synth, *REQUIRED, "--set=number_of_epochs=3")
+    assert sb_style["hparams"]["number_of_epochs"] == 3
+    assert set_form["yaml"] == sb_style["yaml"] == before["yaml"] == joined["yaml"]
+    # Values are read alike in both forms (YAML 1.2, as HyperPyYAML reads the file): 1e-3 is a number in both.
+    assert parse_overrides(["--set", "lr=1e-3"]) == parse_overrides(["--lr=1e-3"]) == {"lr": 0.001}
+
+
+def test_train_central_takes_both_forms_together_and_dotted_keys(monkeypatch, capsys):
+    synth = str(HPARAMS / "CommonVoice" / "synth.yaml")
+    code, seen = train_central_overrides(
+        monkeypatch, capsys, "--set", "batch_size=3", synth, *REQUIRED, "--number_of_epochs=2", "--set",
+        "decoding.beam_size=7", "--device=cpu", "--set", "sorting=descending", "--model=crdnn_tiny")
+    hp = seen["hparams"]
+    assert code == 0 and seen["options"]["device"] == "cpu"
+    assert (hp["batch_size"], hp["number_of_epochs"], hp["sorting"]) == (3, 2, "descending")
+    assert hp["decoding"]["beam_size"] == 7 and "ctc_weight" in hp["decoding"]  # merged into the section
+    # In order, the later value wins, whichever the form.
+    assert parse_overrides(["--lr=0.1", "--set", "lr=0.2"]) == {"lr": 0.2}
+    assert parse_overrides(["--set", "lr=0.2", "--lr=0.1"]) == {"lr": 0.1}
+
+
+def test_a_bad_set_key_is_named_with_its_did_you_mean(monkeypatch, capsys, tmp_path):
+    from fedasr.cli import main
+
+    synth = str(HPARAMS / "CommonVoice" / "synth.yaml")
+    code = main(["train-central", synth, f"--output_folder={tmp_path / 'o'}", f"--manifest_folder={tmp_path}",
+                 "--set", "number_of_epoch=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "['number_of_epoch']" in err and "did you mean 'number_of_epoch' -> 'number_of_epochs'?" in err
+    assert not (tmp_path / "o").exists()
+    # A dotted key below a plain mapping is checked too (HyperPyYAML checks only the top level).
+    with pytest.raises(HparamsError, match=r"\['decoding.beam_sise'\].*did you mean 'beam_sise' -> 'beam_size'"):
+        load_experiment(BASE, REQUIRED + ["--model=crdnn_tiny", "--set", "decoding.beam_sise=3"])
+    with pytest.raises(HparamsError, match="not KEY=VALUE"):
+        parse_overrides(["--set", "number_of_epochs"])
+    with pytest.raises(HparamsError, match="--set has no KEY=VALUE"):
+        parse_overrides(["--set"])

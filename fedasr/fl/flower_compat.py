@@ -1,4 +1,5 @@
-"""Where fedasr and Flower 1.42 meet outside the apps: the one notice ``fedasr federate`` silences.
+"""Where fedasr and Flower 1.42 meet outside the apps: the one notice ``fedasr federate`` silences, and Flower's own
+console handler, which ``fedasr federate`` mutes so that Flower's lines are not printed twice.
 
 ``fedasr federate`` runs the ServerApp and the ClientApp with ``flwr.simulation.run_simulation``, which Flower 1.42
 reports as deprecated on every call ("Please use `flwr run` in the CLI instead"). Its replacement, ``flwr run`` on
@@ -46,3 +47,39 @@ def without_run_simulation_notice() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(notice_filter)
+
+
+class _WhenPropagating(logging.Filter):
+    """Drops every record while the ``flwr`` logger propagates: the root's handlers show (or file) it already."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.logger.propagate
+
+
+@contextlib.contextmanager
+def without_flower_console() -> Iterator[None]:
+    """Flower's records only through the root logger's handlers while the block runs.
+
+    Flower 1.42 gives its ``flwr`` logger a console handler of its own (colored, level INFO) and lets records
+    propagate to the root too: with logging configured (``fedasr`` configures the root), every Flower line is
+    printed twice. Here its console handlers print nothing while the logger propagates; where Flower turns
+    propagation off itself (``run_simulation`` under a running asyncio loop, e.g. a notebook) they print as before.
+    """
+    from flwr.common.logger import ConsoleHandler
+
+    logger = logging.getLogger(_FLOWER_LOGGER)
+    muted = []
+    for handler in logger.handlers:
+        if isinstance(handler, ConsoleHandler):
+            handler_filter = _WhenPropagating(logger)
+            handler.addFilter(handler_filter)
+            muted.append((handler, handler_filter))
+    try:
+        yield
+    finally:
+        for handler, handler_filter in muted:
+            handler.removeFilter(handler_filter)

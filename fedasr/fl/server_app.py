@@ -39,7 +39,7 @@ from fedasr.fl.round import dev_and_test, stop_after_failed_rounds, train_round
 from fedasr.fl.run import FederatedRun, run_from_run_config
 from fedasr.fl.sampling import is_simulation_grid, wait_for_nodes
 from fedasr.fl.strategies import build_strategy
-from fedasr.report.round_log import write_round_logs
+from fedasr.report.round_log import RoundLogs
 from fedasr.utils.io import atomic_open, atomic_write_json
 from fedasr.utils.preflight import check_writable, space_for_copies
 
@@ -96,22 +96,22 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
     arrays, start_round, best = _start_or_resume(run, evaluator, strategy, annealer, history)
 
     last_round = cfg.rounds if not run.stop_after_round else min(cfg.rounds, run.stop_after_round)
-    for server_round in range(start_round + 1, last_round + 1):
-        arrays, row = train_round(grid, run, server_round, arrays, strategy, annealer, evaluator)
-        if row["dev_wer"] < best["wer"]:
-            best = {"wer": row["dev_wer"], "round": server_round}
-            _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
-        row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
-        history.append(row)
-        write_round_logs(out, history.rows)  # train_log.txt + TensorBoard, rebuilt from the rows
-        save_server_state(out, ServerState(
-            round=server_round, arrays=arrays_to_numpy(arrays), strategy=strategy.state_dict(),
-            annealer=annealer.state_dict(), rng=capture_rng_state(), best_wer=best["wer"], best_round=best["round"],
-            fingerprint=run.fingerprint(),
-        ))
-        log.info("round %d: dev WER %.4f (best %.4f @ %d), next lr %.4g", server_round, row["dev_wer"], best["wer"],
-                 best["round"], row["next_lr"])
-        stop_after_failed_rounds(history.rows, cfg, out)
+    with RoundLogs(out, history.rows, rounds=cfg.rounds) as round_logs:  # the seed's line, TensorBoard from round 0
+        for server_round in range(start_round + 1, last_round + 1):
+            arrays, row = train_round(grid, run, server_round, arrays, strategy, annealer, evaluator)
+            if row["dev_wer"] < best["wer"]:
+                best = {"wer": row["dev_wer"], "round": server_round}
+                _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
+            row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
+            history.append(row)
+            round_logs.write(history.rows)  # train_log.txt + this round's TensorBoard events (step = round)
+            save_server_state(out, ServerState(
+                round=server_round, arrays=arrays_to_numpy(arrays), strategy=strategy.state_dict(),
+                annealer=annealer.state_dict(), rng=capture_rng_state(), best_wer=best["wer"], best_round=best["round"],
+                fingerprint=run.fingerprint(),
+            ))
+            round_logs.announce(row)  # the round's one console line (+ progress bar on a terminal)
+            stop_after_failed_rounds(history.rows, cfg, out)
 
     finished = last_round == cfg.rounds
     summary = {"rounds_done": max(last_round, start_round), "finished": finished, "best_dev_wer": best["wer"],

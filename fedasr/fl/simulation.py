@@ -3,20 +3,27 @@
 Ray is bound to loopback; there is one virtual SuperNode per client of the partition (``partition-id`` = the
 client's index); each client gets ``client_num_cpus`` CPUs (1 by default), so as many clients train at once as
 there are cores. The same apps run unchanged on the Deployment Engine (see README: ``flwr run . <federation>``).
+
+Logging (:func:`federate_logging`): everything (Flower's DEBUG lines, Ray's and Python's warnings included) goes to
+``<output-dir>/log.txt``; the console keeps fedasr's own lines (one per round), errors and the warnings that need
+the user, each once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedasr.fl.checkpoint import load_server_state
 from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
 from fedasr.fl.evaluator import load_system
 from fedasr.fl.run import FederatedRun
-from fedasr.fl.flower_compat import without_run_simulation_notice
+from fedasr.fl.flower_compat import without_flower_console, without_run_simulation_notice
 from fedasr.fl.server_app import (RESOLVED_CONFIG_FILE, SUMMARY_FILE, build_server_app, check_output_folder,  # noqa: F401
                                   refuse_unless_resumable, start_run_folder)
 from fedasr.report.energy import track_energy
@@ -34,6 +41,108 @@ _ENVIRONMENT = {
     "RAY_DEDUP_LOGS": "0",
     "HF_HUB_OFFLINE": "1",
 }
+
+
+LOG_FILE = "log.txt"  # the run's full log (appended to by a resumed run), as SpeechBrain recipes keep one
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Third-party warnings that say nothing the user must act on: log.txt only.
+FILE_ONLY_WARNINGS = (
+    "fraction_evaluate is set to 0.0",  # Flower: fedasr evaluates the global model on the server, by design
+    "Multiple instances of codecarbon",  # the energy tracker of the whole machine
+    "torchvision is not available",  # SpeechBrain: figures in TensorBoard, which fedasr does not log
+)
+FILE_ONLY_LOGGERS = ("py.warnings",)  # Python warnings (Ray's and torch's FutureWarning tips): log.txt only
+
+
+class ConsoleFilter(logging.Filter):
+    """What the console shows of a federated run: fedasr's INFO lines (start, one line per round), everyone's
+    errors, and third-party warnings but the known harmless ones (:data:`FILE_ONLY_WARNINGS`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        if record.name == "fedasr" or record.name.startswith("fedasr."):
+            return record.levelno >= logging.INFO
+        if record.levelno < logging.WARNING or record.name in FILE_ONLY_LOGGERS:
+            return False
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is shown as it is
+            return True
+        return not any(notice in text for notice in FILE_ONLY_WARNINGS)
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A console handler that writes through tqdm, so that a round progress bar stays whole below the lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+            self.handleError(record)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return type(handler) is logging.StreamHandler  # basicConfig's; not a file handler, not pytest's capture
+
+
+@contextlib.contextmanager
+def federate_logging(output_dir: str | Path) -> Iterator[Path]:
+    """The logging of one federated run while the block runs; yields the log file.
+
+    ``<output_dir>/log.txt`` gets every record (INFO and up, Flower's DEBUG lines, Python warnings); the root's
+    console handlers (``logging.basicConfig``'s, as ``fedasr`` sets up) get :class:`ConsoleFilter` and write
+    through tqdm; Flower's own console handler is muted (fedasr/fl/flower_compat.py) so its lines are not printed
+    twice. With debug logging on the root (``fedasr -v``) the console is not filtered. Without any handler on the
+    root (the Python API, logging not configured) warnings and errors still reach stderr. Everything is restored
+    at the end."""
+    path = Path(output_dir) / LOG_FILE
+    root = logging.getLogger()
+    saved_level = root.level
+    verbose = root.getEffectiveLevel() <= logging.DEBUG
+    file_handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+    consoles = [h for h in root.handlers if _is_console(h)]
+    replaced = []
+    for old in consoles:
+        new = ConsoleHandler(old.stream)
+        new.setLevel(old.level)
+        new.setFormatter(old.formatter)
+        if not verbose:
+            new.addFilter(ConsoleFilter())
+        root.removeHandler(old)
+        root.addHandler(new)
+        replaced.append((old, new))
+    added = [file_handler]
+    if not root.handlers:  # no logging configured: keep what Python's last-resort handler would show
+        fallback = ConsoleHandler(sys.stderr)
+        fallback.setLevel(logging.WARNING)
+        fallback.addFilter(ConsoleFilter())
+        added.append(fallback)
+    for handler in added:
+        root.addHandler(handler)
+    root.setLevel(min(saved_level or logging.WARNING, logging.INFO))
+    capturing = getattr(logging, "_warnings_showwarning", None) is not None
+    logging.captureWarnings(True)
+    try:
+        with without_flower_console():
+            yield path
+    finally:
+        if not capturing:
+            logging.captureWarnings(False)
+        root.setLevel(saved_level)
+        for handler in added:
+            root.removeHandler(handler)
+            handler.close()
+        for old, new in replaced:
+            root.removeHandler(new)
+            root.addHandler(old)
 
 
 class SimulationError(RuntimeError):
@@ -158,8 +267,6 @@ def run_simulation_for(run: FederatedRun) -> dict:
 
     The server's model is built here, before Ray starts, so a seed checkpoint that does not fit the model is an
     error in seconds (the ServerApp then uses this one: a simulated ServerApp runs in this process)."""
-    from flwr.simulation import run_simulation
-
     from fedasr.fl.client_app import app as client_app
 
     joining = ray_address(run.config) is not None
@@ -173,19 +280,25 @@ def run_simulation_for(run: FederatedRun) -> dict:
     refuse_unless_resumable(run, load_server_state(out))  # before any file of a finished run is touched
     summary_path = out / SUMMARY_FILE
     start_run_folder(run)  # stale summary.json removed, fl_config.json written (as `flwr run` does)
-    try:
-        # run_simulation, deprecated in Flower 1.42, is kept on purpose and only its notice dropped: `flwr run`
-        # cannot run this in-process ServerApp nor report its failure as an exit code (fedasr/fl/flower_compat.py).
-        with track_energy(out, accumulate=run.resume), without_run_simulation_notice():  # energy.json: whole machine
-            run_simulation(server_app=build_server_app(run, system), client_app=client_app, num_supernodes=run.num_clients,
-                           backend_config=backend_config(run.config))
-    except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log above has the cause
-        raise SimulationError(
-            f"the Flower simulation engine stopped ({err.__cause__ or err}). Rounds completed before are "
-            f"checkpointed in {out}: fix the cause and re-run with --resume"
-        ) from err
+    with federate_logging(out) as log_file:  # the full log in log.txt; the console: fedasr's lines, one per round
+        log.info("%s run of %d clients, %d rounds%s -> %s (full log: %s)", run.config.mode, run.num_clients,
+                 run.config.rounds, ", resumed" if run.resume else "", out, log_file.name)
+        from flwr.simulation import run_simulation  # here: its import logs (alembic) go to log.txt
+
+        try:
+            # run_simulation, deprecated in Flower 1.42, is kept on purpose and only its notice dropped: `flwr run`
+            # cannot run this in-process ServerApp nor report its failure as an exit code (fedasr/fl/flower_compat.py).
+            with track_energy(out, accumulate=run.resume), without_run_simulation_notice():  # energy.json: whole machine
+                run_simulation(server_app=build_server_app(run, system), client_app=client_app,
+                               num_supernodes=run.num_clients, backend_config=backend_config(run.config))
+        except RuntimeError as err:  # Flower's engine stopped (e.g. Ray could not start); its log has the cause
+            raise SimulationError(
+                f"the Flower simulation engine stopped ({err.__cause__ or err}); see {log_file}. Rounds completed "
+                f"before are checkpointed in {out}: fix the cause and re-run with --resume"
+            ) from err
     if not summary_path.exists():
-        raise SimulationError(f"the simulation ended without {summary_path}: see the log above for the ServerApp error")
+        raise SimulationError(f"the simulation ended without {summary_path}: see the log above and {log_file} for "
+                              "the ServerApp error")
     return read_json(summary_path)
 
 

@@ -11,6 +11,7 @@ Output folder::
     save/              tokenizer.model + CKPT+* folders (Checkpointer)
     test_hyps.txt      per-utterance test hypotheses    seed_checkpoint/ the export
     result.json        dev/test WER, epochs, seconds     energy.json      codecarbon's measurement (if installed)
+    tensorboard/       TensorBoard events, step = epoch (when tensorboard is installed; tags: fedasr/report/round_log.py)
 
 Device and SpeechBrain run options: ``device`` (auto | cpu | cuda | cuda:N, fedasr/utils/device.py) is resolved and
 checked before anything is read or written; ``run_opts`` are SpeechBrain's own (``precision``, ``eval_precision``,
@@ -38,6 +39,7 @@ from fedasr.models.hparams import Experiment, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 from fedasr.report.energy import track_energy
+from fedasr.report.round_log import TENSORBOARD_DIR, StepTensorboardLogger, TrainLoggers, tensorboard_available
 from fedasr.utils.device import check_precision, peak_gpu_memory, resolve_device
 from fedasr.utils.io import atomic_write_json, atomic_write_text
 from fedasr.utils.preflight import check_writable, space_for_parameters
@@ -83,7 +85,10 @@ def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, 
         "test_search": hp["test_search"],
         "epoch_counter": epoch_counter,
         "lr_annealing": lr_annealing,
-        "train_logger": sb.utils.train_logger.FileTrainLogger(save_file=str(out_dir / "train_log.txt")),
+        # train_log.txt and TensorBoard (step = epoch; a resumed run hides the events of the epochs it redoes)
+        "train_logger": TrainLoggers(
+            sb.utils.train_logger.FileTrainLogger(save_file=str(out_dir / "train_log.txt")),
+            StepTensorboardLogger(out_dir / TENSORBOARD_DIR) if tensorboard_available() else None),
         "keep_checkpoints": int(hp["keep_checkpoints"]),
         "hyps_file": str(out_dir / "test_hyps.txt"),
     }
@@ -130,6 +135,7 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
         # Test the best checkpoint by dev WER (the latest one when the dev set is not decoded).
         brain.evaluate(datasets["test"], min_key="WER" if best is not None else None,
                        test_loader_kwargs=dict(eval_loader))
+        brain.hparams.train_logger.close()
     model = brain.modules.model
     test_wer = brain.test_stats.get("WER", float("nan")) / 100
     model.freeze_normalizer()

@@ -2,7 +2,7 @@
 (fedasr/fl/sampling.py): in simulation the server maps the clients onto the nodes there are; in deployment a run
 short of SuperNodes stops within node-wait seconds with an error naming num-supernodes, never waits for ever.
 The server loop and ClientApp training function run with the fake ASR system and fake grid (tests/unit/fl_fakes.py);
-the real `flwr run .` is tests/integration/test_flower_app.py."""
+the real `flwr run .` is tests/integration/test_flower_app_run.py."""
 
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ Command-line overrides (``--key=value`` as SpeechBrain takes them, or ``--set ke
 takes them, dotted where the YAML nests) are then applied by HyperPyYAML with ``overrides_must_match`` (unknown
 keys are errors).
 ``model`` may name a YAML in ``hparams/models`` or be a path to a model YAML.
+
+``extends`` means the same in every fedasr YAML (this file's keys over its parent's), at the depth the file allows:
+an experiment's top-level blocks are HyperPyYAML objects (``!new:`` constructors, ``!ref`` links) that cannot be
+merged field by field, so an overlay replaces a whole block; the federated settings (hparams/fl, fedasr.fl.config)
+are plain data, so a nested key there replaces just that key.
 """
 
 from __future__ import annotations

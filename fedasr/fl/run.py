@@ -85,8 +85,8 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
 
     Keys: ``hparams`` (an fl hparams file), ``partition``, ``seed-checkpoint``, ``output-dir``; ``dev-manifest`` and
     ``test-manifest`` ("": dev.csv / test.csv beside the partition's source manifest, as in ``fedasr federate``);
-    ``num-server-rounds`` (> 0: the number of rounds, over the hparams' ``rounds``); ``overrides`` (JSON of nested
-    hparams overrides); ``mode``; ``num-clients`` (0: every client of the partition); ``resume``;
+    ``num-server-rounds`` (> 0: the number of rounds, over the hparams' ``rounds``); ``overrides`` (hparams
+    overrides: ``KEY=VALUE`` pairs as ``fedasr federate --set`` takes them, or a JSON object of nested keys); ``mode``; ``num-clients`` (0: every client of the partition); ``resume``;
     ``stop-after-round``; ``node-wait`` (deployment: seconds the first round waits for its SuperNodes).
     Relative paths resolve against the app folder (see :func:`app_base`). ``simulation``: the Grid is Flower's
     Simulation Engine, so the server assigns the partitions to the SuperNodes there are.
@@ -118,7 +118,7 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
         if rounds:
             config = _with_rounds(config, rounds)
     else:
-        overrides = json.loads(str(run_config.get("overrides") or "{}"))
+        overrides = run_config_overrides(run_config.get("overrides"))
         if run_config.get("mode"):
             overrides["mode"] = str(run_config["mode"])
         if rounds:
@@ -214,3 +214,21 @@ def _count_clients(partition: str) -> int:
     from fedasr.fl.client_app import partition_clients
 
     return len(partition_clients(partition))
+
+
+def run_config_overrides(text) -> dict:
+    """The run config's ``overrides``: space-separated ``KEY=VALUE`` pairs, dotted where the hparams nest (the
+    rule of every ``--set``: ``"lr=0.002 evaluation.test_decoding=greedy"``), or a JSON object (``{...}``)."""
+    from fedasr.utils.settings import parse_dotted_overrides
+
+    text = str(text or "").strip()
+    if not text.startswith("{"):
+        return parse_dotted_overrides(text.split(), example="overrides = 'lr=0.002 strategy.temperature=0.5'")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run config `overrides`: not a JSON object ({err}); or give KEY=VALUE pairs, e.g. "
+                         "overrides = 'lr=0.002 strategy.temperature=0.5'") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"run config `overrides` must be a JSON object or KEY=VALUE pairs, got {text!r}")
+    return value

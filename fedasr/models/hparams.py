@@ -35,7 +35,7 @@ import ruamel.yaml
 import torch
 from hyperpyyaml import load_hyperpyyaml, resolve_references
 
-from fedasr.utils.settings import check_settings, deep_merge, did_you_mean, parse_dotted_overrides
+from fedasr.utils.settings import check_settings, deep_merge, did_you_mean, parse_dotted_overrides, read_value
 
 _TOP_LEVEL_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:")
 EXTENDS_KEY = "extends"
@@ -108,9 +108,7 @@ def parse_overrides(args: Sequence[str] | str | dict | None) -> dict:
     return overrides
 
 
-def _read_value(text: str) -> Any:
-    """One command-line value, read as HyperPyYAML reads the experiment (YAML 1.2); ``""`` stays ``""``."""
-    return ruamel.yaml.YAML(typ="safe", pure=True).load(text) if text != "" else ""
+_read_value = read_value  # one command-line value, read as HyperPyYAML reads the experiment (YAML 1.2)
 
 
 def _yaml_value(text: str, what: str) -> Any:

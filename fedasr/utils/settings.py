@@ -8,7 +8,6 @@ import difflib
 import inspect
 import logging
 
-import yaml
 
 
 OVERRIDE_RULE = (
@@ -19,12 +18,20 @@ OVERRIDE_RULE = (
 )
 
 
-def parse_dotted_overrides(pairs: list[str] | None, example: str = "--set rounds=3", load=yaml.safe_load) -> dict:
+def read_value(text: str):
+    """One command-line value, read as HyperPyYAML reads the settings files (YAML 1.2: ``1e-3`` is a number, ``no``
+    and ``on`` stay words); ``""`` stays ``""``."""
+    import ruamel.yaml
+
+    return ruamel.yaml.YAML(typ="safe", pure=True).load(text) if text != "" else ""
+
+
+def parse_dotted_overrides(pairs: list[str] | None, example: str = "--set rounds=3", load=read_value) -> dict:
     """``["strategy.temperature=0.05", "rounds=3"]`` -> nested dict; values parsed as YAML scalars by ``load``.
 
-    The one parser of every ``--set KEY=VALUE`` option (see :data:`OVERRIDE_RULE`). ``load``: the YAML reader of a
-    value (PyYAML's ``safe_load`` by default; train-central passes the YAML 1.2 reader HyperPyYAML reads its files
-    with, so ``--set lr=1e-3`` equals SpeechBrain's ``--lr=1e-3``). A key given twice keeps the later value, also
+    The one parser of every ``--set KEY=VALUE`` option (see :data:`OVERRIDE_RULE`). ``load``: the reader of a value
+    (:func:`read_value`, YAML 1.2 as HyperPyYAML reads the files, for every command: ``--set lr=1e-3`` is the number
+    in federate, the pipeline and train-central alike, and equals SpeechBrain's ``--lr=1e-3``). A key given twice keeps the later value, also
     when one of the two is a dotted key below the other (``a=1`` then ``a.b=2`` -> ``{"a": {"b": 2}}``). A pair
     without ``=``, with an empty key or key part, or with a value that is not YAML is a ``ValueError`` naming the pair
     and showing ``example``.

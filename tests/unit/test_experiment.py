@@ -137,3 +137,14 @@ def test_fl_defaults_live_in_one_place():
     from fedasr.fl.config import FLConfig, load_fl_config
 
     assert FLConfig().to_dict() == load_fl_config(REPO / "hparams" / "fl" / "cross_silo.yaml").to_dict()
+
+
+def test_every_set_option_reads_values_alike():
+    # One rule for `--set` in federate, the pipeline and train-central: values read as the settings files are (YAML
+    # 1.2): 1e-3 is a number everywhere, "on" stays a word.
+    from fedasr.fl.config import parse_overrides
+    from fedasr.models.hparams import parse_overrides as experiment_overrides
+
+    assert parse_overrides(["lr=1e-3", "tag=on"]) == {"lr": 0.001, "tag": "on"}
+    assert parse_set_overrides(["cross_silo.set.lr=1e-3"]) == {"cross_silo": {"set": {"lr": 0.001}}}
+    assert experiment_overrides(["--set", "lr=1e-3"])["lr"] == 0.001

@@ -153,3 +153,17 @@ def test_only_the_run_simulation_notice_is_silenced(caplog):
         flower.warning("DEPRECATED FEATURE: %s", "The `run_simulation` function is deprecated and will be removed")
         flower.warning("DEPRECATED FEATURE: %s", "something else")
     assert [r.getMessage() for r in caplog.records] == ["DEPRECATED FEATURE: something else"]
+
+
+def test_run_config_overrides_take_the_set_rule_or_json():
+    from fedasr.fl.run import run_config_overrides
+
+    pairs = run_config_overrides("lr=0.002 evaluation.test_decoding=greedy strategy.temperature=0.5")
+    assert pairs == {"lr": 0.002, "evaluation": {"test_decoding": "greedy"}, "strategy": {"temperature": 0.5}}
+    assert run_config_overrides('{"lr": 0.002, "evaluation": {"test_decoding": "greedy"}}') == {
+        "lr": 0.002, "evaluation": {"test_decoding": "greedy"}}
+    assert run_config_overrides("") == {} and run_config_overrides(None) == {}
+    with pytest.raises(ValueError, match="not a JSON object"):
+        run_config_overrides('{"lr": 0.002')
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        run_config_overrides("rounds")

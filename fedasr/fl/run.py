@@ -121,6 +121,11 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
         overrides = run_config_overrides(run_config.get("overrides"))
         if run_config.get("mode"):
             overrides["mode"] = str(run_config["mode"])
+        if rounds and "rounds" in overrides and int(overrides["rounds"]) != rounds:
+            raise FLConfigError(
+                f"run config: num-server-rounds is {rounds} but overrides set rounds={overrides['rounds']}: give the "
+                "rounds once, as Flower's num-server-rounds (e.g. --run-config \"num-server-rounds="
+                f"{overrides['rounds']}\"), or set num-server-rounds = 0 to use the overrides' rounds")
         if rounds:
             overrides["rounds"] = rounds
         config = load_fl_config(path("hparams"), overrides)

@@ -192,12 +192,13 @@ def test_unregistered_or_untrusting_supernodes_are_refused(secure_link):
 
 def run_config_file(path: Path, out: Path, partition: Path, seed: Path, manifests: Path, resume=False) -> Path:
     """The run config of a 2-silo, 2-round run of 1 local epoch, small server-side evaluations."""
-    overrides = {"rounds": 2, "local_epochs": 1, "lr": 0.1, "client_optimizer": {"name": "sgd"},
+    overrides = {"local_epochs": 1, "lr": 0.1, "client_optimizer": {"name": "sgd"},
                  "evaluation": {"server_wer_utterances": 4, "dev_max_utterances": 8, "test_decoding": "greedy"}}
     path.write_text("\n".join([
         f'hparams = "{REPO / "hparams/fl/cross_silo.yaml"}"', f'partition = "{partition}"',
         f'seed-checkpoint = "{seed}"', f'output-dir = "{out}"', f'dev-manifest = "{manifests / "dev.csv"}"',
-        "num-clients = 2", f"resume = {str(resume).lower()}", f"overrides = '{json.dumps(overrides)}'",
+        "num-clients = 2", "num-server-rounds = 2", f"resume = {str(resume).lower()}",
+        f"overrides = '{json.dumps(overrides)}'",
     ]) + "\n")
     return path
 

@@ -196,8 +196,8 @@ def test_deployment_engine_with_superlink_and_two_supernodes(cross_silo_partitio
     run_config.write_text("\n".join([
         f'hparams = "{REPO / "hparams/fl/cross_silo.yaml"}"', f'partition = "{cross_silo_partition}"',
         f'seed-checkpoint = "{fl_seed_checkpoint}"', f'output-dir = "{out}"',
-        f'dev-manifest = "{prepared_manifests / "dev.csv"}"', 'num-clients = 2',
-        "overrides = '" + json.dumps({"rounds": 2, "local_epochs": 1, "lr": 0.002, "wer_source": "client",
+        f'dev-manifest = "{prepared_manifests / "dev.csv"}"', 'num-clients = 2', "num-server-rounds = 2",
+        "overrides = '" + json.dumps({"local_epochs": 1, "lr": 0.002, "wer_source": "client",
                                       "secure_aggregation": {"enabled": True},
                                       "evaluation": {"test_decoding": "greedy"}}) + "'",
     ]) + "\n")

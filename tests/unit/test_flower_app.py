@@ -122,7 +122,12 @@ def test_num_server_rounds_overrides_rounds_and_zero_keeps_the_hparams(demo_like
     assert run_from_run_config({**config, "num-server-rounds": 7}).config.rounds == 7
     config["overrides"] = json.dumps({"rounds": 4})
     assert run_from_run_config({**config, "num-server-rounds": 0}).config.rounds == 4
-    assert run_from_run_config({**config, "num-server-rounds": 2}).config.rounds == 2
+    assert run_from_run_config({**config, "num-server-rounds": 4}).config.rounds == 4
+    # Given twice and differing (e.g. the shipped num-server-rounds = 3 beside overrides rounds=2): refused, not
+    # silently decided.
+    from fedasr.fl.config import FLConfigError
+    with pytest.raises(FLConfigError, match="num-server-rounds is 2 but overrides set rounds=4"):
+        run_from_run_config({**config, "num-server-rounds": 2})
 
 
 def test_relative_paths_fall_back_to_the_installed_checkout(demo_like, monkeypatch, tmp_path):
@@ -167,3 +172,4 @@ def test_run_config_overrides_take_the_set_rule_or_json():
         run_config_overrides('{"lr": 0.002')
     with pytest.raises(ValueError, match="KEY=VALUE"):
         run_config_overrides("rounds")
+

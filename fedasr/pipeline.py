@@ -30,6 +30,7 @@ from typing import Callable
 import yaml
 
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows
+from fedasr.fl.run_folder import RESOLVED_CONFIG_FILE
 from fedasr.experiment import RunId, run_dir, save_run_config
 from fedasr.utils.settings import check_settings, deep_merge, parse_dotted_overrides, schema_from_signature
 from fedasr.utils.io import atomic_write_json, atomic_write_text, is_done, mark_done, read_json
@@ -496,7 +497,7 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
     if done.returncode != 0:
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise StageFailed(f"{mode}: `fedasr federate` exited with {done.returncode}; log {log_path}:\n{tail}")
-    resolved = read_json(out / "fl_config.json")
+    resolved = read_json(out / RESOLVED_CONFIG_FILE)
     save_run_config(out, layout.run_id(mode), resolved)
     evaluate_run_model(layout, mode)
 

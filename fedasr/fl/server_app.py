@@ -37,18 +37,16 @@ from fedasr.fl.metrics_log import METRICS_FILE, MetricsLog, MetricsRow
 from fedasr.fl.privacy import with_privacy
 from fedasr.fl.round import dev_and_test, stop_after_failed_rounds, train_round
 from fedasr.fl.run import FederatedRun, run_from_run_config
+from fedasr.fl.run_folder import (BEST_MODEL_FILE, FINAL_MODEL_FILE, RESOLVED_CONFIG_FILE, SUMMARY_FILE,
+                                 load_model_file, save_model_file)
 from fedasr.fl.sampling import is_simulation_grid, wait_for_nodes
 from fedasr.fl.strategies import build_strategy
 from fedasr.report.round_log import RoundLogs
-from fedasr.utils.io import atomic_open, atomic_write_json
+from fedasr.utils.io import atomic_write_json
 from fedasr.utils.preflight import check_writable, space_for_copies
 
 log = logging.getLogger(__name__)
 
-SUMMARY_FILE = "summary.json"
-BEST_MODEL_FILE = "best_model.pt"
-FINAL_MODEL_FILE = "final_model.pt"
-RESOLVED_CONFIG_FILE = "fl_config.json"
 
 
 def check_output_folder(run: FederatedRun, what: str = "federated output folder") -> None:
@@ -101,7 +99,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
             arrays, row = train_round(grid, run, server_round, arrays, strategy, annealer, evaluator)
             if row["dev_wer"] < best["wer"]:
                 best = {"wer": row["dev_wer"], "round": server_round}
-                _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
+                save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
             row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
             history.append(row)
             round_logs.write(history.rows)  # train_log.txt + this round's TensorBoard events (step = round)
@@ -117,7 +115,7 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
     summary = {"rounds_done": max(last_round, start_round), "finished": finished, "best_dev_wer": best["wer"],
                "best_round": best["round"], "history": history.rows, "output_dir": str(out)}
     if finished:
-        _save_model(out / FINAL_MODEL_FILE, evaluator.full_state(arrays), cfg.rounds, history.rows[-1]["dev_wer"])
+        save_model_file(out / FINAL_MODEL_FILE, evaluator.full_state(arrays), cfg.rounds, history.rows[-1]["dev_wer"])
         summary["final_dev_wer"] = history.rows[-1]["dev_wer"]
         summary["final_test_wer"] = history.rows[-1].get("test_wer")
         summary["seed_dev_wer"] = history.rows[0]["dev_wer"]
@@ -143,7 +141,7 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
         row.update(dev_and_test(run, evaluator, arrays, 0, force_test=True))
         history.append(row)
         # The seed competes for the best model: rounds that never beat its dev WER leave best_model.pt = the seed.
-        _save_model(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])
+        save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])
         return arrays, 0, {"wer": row["dev_wer"], "round": 0}
     refuse_unless_resumable(run, state)
     restore_strategy_state(strategy, state, checkpoint_path(out))
@@ -175,14 +173,9 @@ def _best_model_test_wer(run, evaluator, rows: list[dict], best_round: int) -> f
     tested = {r["round"]: r["test_wer"] for r in rows if r.get("test_wer") is not None}
     if best_round in tested:
         return tested[best_round]
-    state = torch.load(Path(run.output_dir) / BEST_MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"]
+    state = load_model_file(Path(run.output_dir) / BEST_MODEL_FILE)
     return evaluator.evaluate(state_to_arrayrecord(state), run.test_manifest,
                               decoding=run.config.evaluation.test_decoding, max_utterances=None).wer
-
-
-def _save_model(path: Path, state: dict, server_round: int, dev_wer: float) -> None:
-    with atomic_open(path, "wb") as handle:
-        torch.save({"state_dict": state, "round": server_round, "dev_wer": dev_wer}, handle)
 
 
 # ---- Flower entry point ----------------------------------------------------------------------------------------

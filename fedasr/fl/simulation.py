@@ -24,8 +24,8 @@ from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
 from fedasr.fl.evaluator import load_system
 from fedasr.fl.run import FederatedRun
 from fedasr.fl.flower_compat import without_flower_console, without_run_simulation_notice
-from fedasr.fl.server_app import (RESOLVED_CONFIG_FILE, SUMMARY_FILE, build_server_app, check_output_folder,  # noqa: F401
-                                  refuse_unless_resumable, start_run_folder)
+from fedasr.fl.run_folder import SUMMARY_FILE
+from fedasr.fl.server_app import build_server_app, check_output_folder, refuse_unless_resumable, start_run_folder
 from fedasr.report.energy import track_energy
 from fedasr.utils.io import read_json
 

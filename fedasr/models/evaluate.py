@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+from fedasr.fl.run_folder import BEST_MODEL_FILE, RESOLVED_CONFIG_FILE, ModelFileError, load_model_file
 from fedasr.metrics.wer import GROUP_COLUMNS, alignments_text, error_report, format_report
 from fedasr.models.system import SpeechBrainASRSystem
 from fedasr.utils.device import check_precision, resolve_device
@@ -25,12 +26,8 @@ def hyps_tsv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-RUN_CONFIG_FILE = "fl_config.json"  # a federated run folder's resolved settings (names its seed checkpoint)
-BEST_MODEL_FILE = "best_model.pt"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    """What `fedasr evaluate` was given is not a checkpoint folder, a federated run folder or a model file of one."""
+# What `fedasr evaluate` was given is not a checkpoint folder, a federated run folder or a model file of one.
+ModelNotFoundError = ModelFileError
 
 
 def locate_model(model: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -44,7 +41,7 @@ def locate_model(model: str | os.PathLike) -> tuple[Path, Path | None]:
     path = Path(model)
     if path.is_file():
         run_folder, state_file = path.parent, path
-    elif (path / RUN_CONFIG_FILE).is_file():
+    elif (path / RESOLVED_CONFIG_FILE).is_file():
         run_folder, state_file = path, path / BEST_MODEL_FILE
         if not state_file.is_file():
             raise ModelNotFoundError(f"{path}: a federated run folder without {BEST_MODEL_FILE} (the run has not "
@@ -54,9 +51,9 @@ def locate_model(model: str | os.PathLike) -> tuple[Path, Path | None]:
     else:
         raise ModelNotFoundError(f"{path}: not found (give a seed checkpoint folder, a federated run folder or its "
                                  f"{BEST_MODEL_FILE})")
-    settings = run_folder / RUN_CONFIG_FILE
+    settings = run_folder / RESOLVED_CONFIG_FILE
     if not settings.is_file():
-        raise ModelNotFoundError(f"{state_file}: a model file needs its run's {RUN_CONFIG_FILE} beside it (it names "
+        raise ModelNotFoundError(f"{state_file}: a model file needs its run's {RESOLVED_CONFIG_FILE} beside it (it names "
                                  "the seed checkpoint the weights belong to)")
     seed = Path(read_json(settings).get("seed_checkpoint", ""))
     if not seed.is_dir():
@@ -86,7 +83,7 @@ def evaluate_checkpoint(model: str | os.PathLike, manifest: str | os.PathLike, *
     checkpoint_dir, state_file = locate_model(model)
     system = SpeechBrainASRSystem.from_checkpoint(checkpoint_dir, device=device, precision=precision)
     if state_file is not None:
-        system.load_state_dict(load_federated_weights(state_file))
+        system.load_state_dict(load_model_file(state_file))
     rows, loss = system.transcribe_manifest(manifest, decoding=decoding, max_utterances=max_utterances)
     report = error_report(rows, GROUP_COLUMNS)
     report.update(checkpoint=str(checkpoint_dir), weights=str(state_file or checkpoint_dir), manifest=str(manifest),
@@ -100,18 +97,3 @@ def evaluate_checkpoint(model: str | os.PathLike, manifest: str | os.PathLike, *
         atomic_write_text(out_dir / "wer_report.txt", report["table"] + "\n")
         atomic_write_text(out_dir / ALIGNMENTS_FILE, alignments_text(rows))
     return report
-
-
-def load_federated_weights(state_file: Path) -> dict:
-    """The state dict of a federated model file ({"state_dict", "round", "dev_wer"})."""
-    import torch
-
-    try:
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for a damaged file
-        raise ModelNotFoundError(f"{state_file}: not a readable model file ({err}); use best_model.pt or "
-                                 "final_model.pt of a federated run") from None
-    if not isinstance(saved, dict) or "state_dict" not in saved:
-        raise ModelNotFoundError(f"{state_file}: no state_dict in it; use best_model.pt or final_model.pt of a "
-                                 "federated run")
-    return saved["state_dict"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fedasr.experiment import read_run_id
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsFileError, MetricsRow, read_metrics_rows
+from fedasr.fl.run_folder import BEST_MODEL_FILE, FINAL_MODEL_FILE, RESOLVED_CONFIG_FILE, load_model_file
 from fedasr.report.energy import co2_kg, device_profile, energy_kwh, grid_intensity, measured_kwh
 from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text, read_json
 
@@ -117,7 +118,7 @@ def read_run_rows(path: Path) -> list[MetricsRow]:
 
 def load_federated_run(folder: Path) -> RunRecord:
     rows = read_run_rows(folder / METRICS_FILE)
-    resolved_path = folder / "fl_config.json"
+    resolved_path = folder / RESOLVED_CONFIG_FILE
     if not resolved_path.exists():
         raise RunFolderError(f"{resolved_path}: missing (written by `fedasr federate` at start); the folder is "
                              "not a complete federated run")
@@ -163,12 +164,12 @@ def travelling_model_bytes(folder: Path) -> int:
     """Bytes of one model message: the floating-point tensors of the run's saved global model."""
     import torch
 
-    for name in ("final_model.pt", "best_model.pt"):
+    for name in (FINAL_MODEL_FILE, BEST_MODEL_FILE):
         path = folder / name
         if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+            state = load_model_file(path)
             return sum(t.numel() * t.element_size() for t in state.values() if torch.is_floating_point(t))
-    raise RunFolderError(f"{folder}: no final_model.pt or best_model.pt to measure the model size from")
+    raise RunFolderError(f"{folder}: no {FINAL_MODEL_FILE} or {BEST_MODEL_FILE} to measure the model size from")
 
 
 def _float_or_none(value) -> float | None:

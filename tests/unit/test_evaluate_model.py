@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fedasr.cli import main as cli_main
-from fedasr.models.evaluate import ModelNotFoundError, load_federated_weights, locate_model
+from fedasr.fl.run_folder import load_model_file
+from fedasr.models.evaluate import ModelNotFoundError, locate_model
 
 
 @pytest.fixture
@@ -52,11 +53,11 @@ def test_a_damaged_or_foreign_model_file_is_named(tmp_path):
     damaged = tmp_path / "best_model.pt"
     damaged.write_bytes(b"not a torch file")
     with pytest.raises(ModelNotFoundError, match="best_model.pt: not a readable model file"):
-        load_federated_weights(damaged)
+        load_model_file(damaged)
     foreign = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
     with pytest.raises(ModelNotFoundError, match="other.pt: no state_dict in it"):
-        load_federated_weights(foreign)
+        load_model_file(foreign)
 
 
 def test_the_cli_reports_a_missing_model_without_a_traceback(tmp_path, capsys):

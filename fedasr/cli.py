@@ -230,7 +230,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="folder for hyps.tsv (one line per utterance), wer_report.json and wer_report.txt (WER, CER "
                    "and insertions / deletions / substitutions, overall and per group) and wer.txt (each utterance's "
                    "word alignment, SpeechBrain's wer.txt format)")
-    p.add_argument("--max-utterances", type=int, default=None, help="decode only the first N utterances")
+    p.add_argument("--max-utterances", type=int, default=None, help="decode N utterances, drawn in turn from every speaker")
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda | cuda:N (default auto: a GPU when torch sees one)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",

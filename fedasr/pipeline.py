@@ -439,7 +439,16 @@ def resolve_fl_settings(layout: Layout, mode: str):
     fitted, partition_notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
     if fitted:
         config, notes = fl_settings(layout.config, name, fitted)
-    return config, notes + partition_notes
+    return config, notes + partition_notes + give_server_its_data(config, layout.partition(mode) / "warmup" / "train.csv")
+
+
+def give_server_its_data(config, warmup_manifest: Path) -> list[str]:
+    """server_training without a manifest trains on the warm-up speakers' train.csv (the data the server holds:
+    the seed was trained on it and no client has it); a note when it is filled in."""
+    if not config.server_training.epochs or config.server_training.manifest:
+        return []
+    config.server_training.manifest = str(warmup_manifest)
+    return [f"server_training.manifest -> {warmup_manifest} (the warm-up speakers')"]
 
 
 def write_fl_settings(out: Path, config) -> Path:

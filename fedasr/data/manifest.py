@@ -95,3 +95,24 @@ def read_manifest(path: str | os.PathLike) -> list[Utterance]:
                 )
             )
     return utterances
+
+
+def spread_over_speakers(utterances: list[Utterance], count: int) -> list[Utterance]:
+    """A fixed subset of ``count`` utterances drawn in turn from every speaker (each speaker's first, then each one's
+    second, ...; speakers in order of first appearance), so a capped dev set covers as many speakers as it can.
+
+    Manifests are grouped by speaker, so the first ``count`` rows would be one or two speakers: a dev WER, an
+    annealing decision or a best-model choice resting on them says little about the others.
+    """
+    by_speaker: dict[str, list[Utterance]] = {}
+    for utt in utterances:
+        by_speaker.setdefault(utt.spk_id, []).append(utt)
+    chosen: list[Utterance] = []
+    depth = 0
+    while len(chosen) < min(count, len(utterances)):
+        chosen.extend(group[depth] for group in by_speaker.values() if depth < len(group))
+        depth += 1
+    chosen = chosen[:count]
+    keep = {id(u) for u in chosen}
+    return [u for u in utterances if id(u) in keep]  # manifest order: the same batches whatever the speakers
+

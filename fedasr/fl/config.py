@@ -80,6 +80,17 @@ class SecureAggregation:
 
 
 @dataclass
+class ServerTraining:
+    """Fine-tuning of each round's aggregated model on data the server holds (the reference code's
+    TrainAfterAggregateStrategy), with the clients' optimizer; off (epochs 0) in the published method."""
+
+    epochs: int = 0  # 0: off; N: N epochs on ``manifest`` after every aggregation
+    manifest: str | None = None  # the server-held train.csv (the pipeline: its warm-up speakers')
+    lr: float | None = None  # None: the round's client lr (annealed with it)
+    batch_size: int | None = None  # None: the clients' batch_size
+
+
+@dataclass
 class FLConfig:
     mode: str = "cross-silo"
     rounds: int = 20
@@ -106,6 +117,7 @@ class FLConfig:
     faults: Faults = field(default_factory=Faults)  # fault injection for studies and tests (off by default)
     privacy: Privacy = field(default_factory=Privacy)  # client-level differential privacy (off by default)
     secure_aggregation: SecureAggregation = field(default_factory=SecureAggregation)  # SecAgg+ (off by default)
+    server_training: ServerTraining = field(default_factory=ServerTraining)  # server-side fine-tuning (off by default)
     system: str = DEFAULT_SYSTEM  # "module:Class" implementing fedasr.models.api.ASRSystem
     system_overrides: dict = field(default_factory=dict)
 
@@ -159,7 +171,8 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
                             f"{sorted(known)}")
     values = dict(raw)
     for name, section in (("client_optimizer", ClientOptimizer), ("annealing", Annealing), ("evaluation", Evaluation),
-                          ("privacy", Privacy), ("secure_aggregation", SecureAggregation)):
+                          ("privacy", Privacy), ("secure_aggregation", SecureAggregation),
+                          ("server_training", ServerTraining)):
         given = values.get(name) or {}
         valid = set(section.__dataclass_fields__)
         wrong = sorted(set(given) - valid) if isinstance(given, dict) else []
@@ -173,6 +186,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
         values["faults"] = _typed(faults_from_dict(values.get("faults")))
         values["privacy"] = _typed(Privacy(**(values.get("privacy") or {})))
         values["secure_aggregation"] = _typed(SecureAggregation(**(values.get("secure_aggregation") or {})))
+        values["server_training"] = _typed(ServerTraining(**(values.get("server_training") or {})))
         config = _typed(FLConfig(**values))
     except (TypeError, ValueError) as err:
         raise FLConfigError(f"{source}: {err}. See the keys documented in hparams/fl/cross_silo.yaml.") from None
@@ -180,7 +194,7 @@ def config_from_dict(raw: dict, source: str = "<config>") -> FLConfig:
     return config
 
 
-_NUMBER_TYPES = {"float": float, "int": int, "int | None": int}
+_NUMBER_TYPES = {"float": float, "int": int, "int | None": int, "float | None": float}
 
 
 def _typed(settings):
@@ -255,6 +269,36 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
              "set update_encoding: fp32 or privacy.enabled: false")
     if ":" not in config.system:
         fail(f"system must be 'module:Class', got {config.system!r}")
+    server_training_problem = check_server_training(config.server_training)
+    if server_training_problem:
+        fail(server_training_problem)
+
+
+def check_server_training(settings: ServerTraining) -> str | None:
+    """None when the server-side fine-tuning settings are usable, else what is wrong and how to fix it."""
+    if settings.epochs < 0:
+        return f"server_training.epochs must be >= 0 (0: off), got {settings.epochs}"
+    if (settings.lr is not None and settings.lr <= 0) or (settings.batch_size is not None and settings.batch_size < 1):
+        return (f"server_training.lr must be > 0 and batch_size >= 1 (or null: the clients'), got {settings.lr} and "
+                f"{settings.batch_size}")
+    return None
+
+
+def server_training_manifest(config: FLConfig) -> str | None:
+    """The absolute path of the server's fine-tuning manifest (None when off); a missing file is an error now,
+    before Ray starts or anything is written."""
+    settings = config.server_training
+    if not settings.epochs:
+        return None
+    if not settings.manifest:
+        raise FLConfigError("server_training.epochs > 0 needs server_training.manifest: the train.csv the server holds "
+                            "(the pipeline sets its warm-up speakers'), e.g. --set "
+                            "server_training.manifest=PARTITION/warmup/train.csv")
+    path = Path(str(settings.manifest)).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: server_training.manifest not found (the data the server fine-tunes each "
+                                "round's model on). Set it to a train.csv, or server_training.epochs: 0")
+    return str(path)
 
 
 def check_privacy(config: FLConfig) -> str | None:

@@ -24,7 +24,8 @@ def load_system(run):
 
 
 class GlobalModelEvaluator:
-    """Loads global arrays into the server's system and decodes a manifest with them."""
+    """Loads global arrays into the server's system and decodes a manifest with them (or, for server_training,
+    fine-tunes them on one)."""
 
     def __init__(self, system) -> None:
         self.system = system
@@ -39,3 +40,10 @@ class GlobalModelEvaluator:
     def evaluate(self, arrays: ArrayRecord, manifest: str, *, decoding: str, max_utterances: int | None):
         self.system.load_state_dict(self.full_state(arrays))
         return self.system.evaluate(manifest, decoding=decoding, max_utterances=max_utterances)
+
+    def train(self, arrays: ArrayRecord, manifest: str, **fit_options) -> tuple[ArrayRecord, object]:
+        """``arrays`` trained on ``manifest`` by the system's ``fit`` (epochs, lr, batch_size, seed, optimizer,
+        momentum); returns (the new arrays, the FitResult)."""
+        self.system.load_state_dict(self.full_state(arrays))
+        result = self.system.fit(manifest, **fit_options)
+        return state_to_arrayrecord(self.system.state_dict()), result

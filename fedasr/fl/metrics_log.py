@@ -26,6 +26,7 @@ class RoundSeconds(TypedDict):
     send_receive: float  # from sending the round's messages to the last reply (the clients' training)
     aggregate: float  # vetting and aggregating the replies (SecAgg+ included)
     evaluate: float  # dev (and test) decoding of the new global model
+    server_train: float  # the server's own fine-tuning of the aggregate (server_training only)
     round: float  # the whole round
 
 
@@ -62,6 +63,9 @@ class MetricsRow(TypedDict, total=False):
     dp_noise_std: float  # std of the Gaussian noise added to the average (absent in a skipped round)
     dp_max_update_norm: float  # largest L2 norm of a received update, before the server's clipping
     dp_clipped_fraction: float  # share of the received updates at the clipping norm
+    # The server's own fine-tuning of the aggregate (server_training.epochs > 0; absent in a skipped round).
+    server_train_loss: float  # its mean train loss
+    server_train_examples: int  # utterances of the server-held manifest it trained on
     # The global model after the round, decoded on the server.
     dev_wer: float
     dev_cer: float

@@ -72,6 +72,11 @@ def client_seed(seed_of_round: int, partition_id: int) -> int:
     return int(seed_of_round) * 100_000 + int(partition_id)
 
 
+def server_training_seed(seed: int, server_round: int) -> int:
+    """Seed of the server's own fine-tuning in one round (server_training): the server trains as partition -1."""
+    return client_seed(round_seed(seed, server_round), -1)
+
+
 def round_config(config, *, server_round: int, lr: float, seed_checkpoint: str, partition: str) -> ConfigRecord:
     """The ConfigRecord sent to every client of one round (``config``: the run's FLConfig)."""
     return ConfigRecord({

@@ -1,8 +1,8 @@
 """One training round on the server, and the policy for rounds that fail.
 
 A round: configure_train (a seeded sample of clients) -> send_and_receive -> the replies vetted once
-(replies.usable_replies) -> the strategy's aggregate_round, or the SecAgg+ path (secure.secure_round) -> dev (and
-test) WER of the new global model -> NewBob annealing of the client lr -> its metrics.jsonl row (MetricsRow).
+(replies.usable_replies) -> the strategy's aggregate_round, or the SecAgg+ path (secure.secure_round) -> the
+server's own fine-tuning of the aggregate when server_training asks for it -> dev (and test) WER of the new global model -> NewBob annealing of the client lr -> its metrics.jsonl row (MetricsRow).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord
 from fedasr.fl.arrays import decode_replies, message_array_bytes
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsRow, train_columns
 from fedasr.fl.privacy import privacy_round_report
-from fedasr.fl.protocol import sampling_seed
+from fedasr.fl.protocol import sampling_seed, server_training_seed
 from fedasr.fl.sampling import ClientSlotGrid, SortedNodeGrid, assign_partitions
 from fedasr.fl.secure import secure_round
 from fedasr.fl.strategies.base import RoundOutcome
@@ -65,6 +65,10 @@ def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, ann
                     server_round, len(kept), cfg.min_clients, dropped + missing)
     else:
         arrays = outcome.arrays
+    server_trained = None
+    if not skipped and cfg.server_training.epochs:
+        arrays, server_trained = train_on_server(run, evaluator, arrays, server_round, lr)
+    trained = time.perf_counter()
     row = MetricsRow(round=server_round, lr=lr, sampled=len(messages),
                      bytes_sent=sum(message_array_bytes(m) for m in messages), bytes_received=bytes_received,
                      clients=outcome.clients, dropped=[list(d) for d in dropped],
@@ -74,12 +78,30 @@ def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, ann
     row.update(train_columns(outcome.metrics or {}))
     row.update(privacy_round_report(strategy, server_round))  # dp_epsilon after this round ({} without DP)
     row.update(outcome.report)
+    if server_trained is not None:
+        row.update(server_train_loss=server_trained.train_loss, server_train_examples=server_trained.num_examples)
     row.update(dev_and_test(run, evaluator, arrays, server_round))
     # A skipped round did not train: its unchanged dev WER must not count as "no improvement" for annealing.
     row["next_lr"] = annealer.lr if skipped else annealer.step(row["dev_wer"])[1]
     row["seconds"] = {"send_receive": received - started, "aggregate": aggregated - received,
-                      "evaluate": time.perf_counter() - aggregated, "round": time.perf_counter() - started}
+                      "evaluate": time.perf_counter() - trained, "round": time.perf_counter() - started}
+    if server_trained is not None:
+        row["seconds"]["server_train"] = trained - aggregated
     return arrays, row
+
+
+def train_on_server(run, evaluator, arrays: ArrayRecord, server_round: int, lr: float):
+    """The aggregated model fine-tuned on the server's own data (server_training): (new arrays, its FitResult).
+
+    As a client trains: a fresh optimizer of the clients' kind, seeded per round (a resumed run trains alike); the lr
+    is the round's annealed client lr unless server_training.lr fixes one."""
+    cfg = run.config
+    settings = cfg.server_training
+    return evaluator.train(arrays, settings.manifest, epochs=int(settings.epochs),
+                           lr=float(settings.lr if settings.lr is not None else lr),
+                           batch_size=int(settings.batch_size or cfg.batch_size),
+                           seed=server_training_seed(cfg.seed, server_round), optimizer=cfg.client_optimizer.name,
+                           momentum=float(cfg.client_optimizer.momentum))
 
 
 def dev_and_test(run, evaluator, arrays: ArrayRecord, server_round: int, force_test: bool = False) -> MetricsRow:

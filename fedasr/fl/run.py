@@ -53,6 +53,8 @@ class FederatedRun:
         cfg.pop("device")  # where it computes, not what: a run started on the CPU may continue on a GPU
         if cfg.get("precision") == "fp32":
             cfg.pop("precision")  # the default leaves the fingerprint of runs checkpointed before the setting existed
+        if not cfg.get("server_training", {}).get("epochs"):
+            cfg.pop("server_training", None)  # off: as for precision (and the manifest is then never read)
         return {"config": json.dumps(cfg, sort_keys=True), "seed_checkpoint": self.seed_checkpoint,
                 "seed_checkpoint_sha256": seed_weights_sha256(self.seed_checkpoint),
                 "partition": self.partition, "num_clients": self.num_clients}
@@ -91,7 +93,7 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
     Relative paths resolve against the app folder (see :func:`app_base`). ``simulation``: the Grid is Flower's
     Simulation Engine, so the server assigns the partitions to the SuperNodes there are.
     """
-    from fedasr.fl.config import FLConfigError, load_fl_config
+    from fedasr.fl.config import FLConfigError, load_fl_config, server_training_manifest
 
     rounds = int(run_config.get("num-server-rounds") or 0)
     if rounds < 0:
@@ -148,6 +150,9 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
     if test and not Path(test).exists():
         raise FileNotFoundError(f"{test}: test manifest not found: set test-manifest in the run config, or leave it "
                                 "empty")
+    if config.server_training.manifest:  # relative: as the other inputs
+        config.server_training.manifest = str(_resolve(str(config.server_training.manifest), base))
+    config.server_training.manifest = server_training_manifest(config) or config.server_training.manifest
     num_clients = int(run_config.get("num-clients") or 0) or _count_clients(partition)
     if config.clients_per_round is not None and int(config.clients_per_round) > num_clients:
         raise FLConfigError(f"clients_per_round is {config.clients_per_round} but the run has {num_clients} clients "

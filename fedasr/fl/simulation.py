@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedasr.fl.checkpoint import load_server_state
-from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config
+from fedasr.fl.config import FLConfig, FLConfigError, load_fl_config, server_training_manifest
 from fedasr.fl.evaluator import load_system
 from fedasr.fl.run import FederatedRun
 from fedasr.fl.flower_compat import without_flower_console, without_run_simulation_notice
@@ -198,6 +198,7 @@ def resolve_run(
     seed = Path(seed_checkpoint).resolve()
     if not seed.exists():
         raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
+    config.server_training.manifest = server_training_manifest(config) or config.server_training.manifest
     return FederatedRun(
         config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
         dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=num_clients,

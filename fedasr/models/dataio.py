@@ -15,7 +15,7 @@ import speechbrain as sb
 import torch
 import torchaudio
 
-from fedasr.data.manifest import ManifestError, read_manifest
+from fedasr.data.manifest import ManifestError, read_manifest, spread_over_speakers
 from fedasr.models.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 SORTINGS = ("ascending", "descending", "random")
@@ -54,13 +54,15 @@ def _check_audio_files(manifest: Path, utterances) -> None:
 
 def make_dataset(manifest: str | os.PathLike, tokenizer: Tokenizer, *, sample_rate: int, sorting: str = "ascending",
                  max_utterances: int | None = None) -> sb.dataio.dataset.DynamicItemDataset:
-    """Dataset yielding id, sig, wrd, tokens_bos, tokens_eos, tokens (+ spk_id, gender, age, accents)."""
+    """Dataset yielding id, sig, wrd, tokens_bos, tokens_eos, tokens (+ spk_id, gender, age, accents).
+
+    ``max_utterances``: a fixed subset of that many, drawn across the speakers (``spread_over_speakers``)."""
     manifest = Path(manifest)
     if sorting not in SORTINGS:
         raise ValueError(f"sorting must be one of {SORTINGS}, not {sorting!r} (hparams key 'sorting').")
     utterances = read_manifest(manifest)
     if max_utterances is not None:
-        utterances = utterances[: int(max_utterances)]
+        utterances = spread_over_speakers(utterances, int(max_utterances))
     if not utterances:
         raise ManifestError(f"{manifest}: no utterances. Check the partition / prepare step that wrote it.")
     _check_audio_files(manifest, utterances)

@@ -350,7 +350,8 @@ def experiment_file(config: dict) -> Path:
 
 
 def do_train_central(layout: Layout, setting: str, echo) -> None:
-    """warmup: the warm-up speakers only; central: every training speaker. Both from scratch."""
+    """warmup: the warm-up speakers only; central: every training speaker. Both from scratch, unless the central
+    section sets ``init_from`` (``warmup``: the warm-up's seed checkpoint, the federated runs' start)."""
     import torch
 
     from fedasr.models.train import train_central
@@ -362,6 +363,8 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
                  **layout.config["warmup" if setting == "warmup" else "central"]}
     if setting == "warmup":
         overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
+    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
+        overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
     result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
                            run_opts={"precision": layout.config["precision"]})
     save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))

@@ -1,6 +1,7 @@
 """Centralized (warm-up) training from an experiment YAML: ``fedasr train-central``.
 
-One call = tokenizer (trained once, reused on resume) -> SpeechBrain Brain.fit with NewBob annealing on dev WER
+One call = tokenizer (trained once, reused on resume; or the ``init_from`` checkpoint's) -> [``init_from``: that
+checkpoint's weights] -> SpeechBrain Brain.fit with NewBob annealing on dev WER
 and a Checkpointer that keeps the best model by dev WER -> test with the best checkpoint -> export of a
 self-contained seed checkpoint (fedasr.models.checkpoint). Interrupted runs resume from their last checkpoint:
 the epoch counter, model, optimizer, annealing state and normaliser statistics are all recoverables.
@@ -33,7 +34,7 @@ import speechbrain as sb
 import torch
 
 from fedasr.models.brain import ASRBrain
-from fedasr.models.checkpoint import check_resume_fits, export_checkpoint
+from fedasr.models.checkpoint import check_checkpoint, check_resume_fits, export_checkpoint, load_model_state
 from fedasr.models.dataio import make_dataset, manifest_sentences
 from fedasr.models.hparams import Experiment, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
@@ -41,7 +42,7 @@ from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokeniz
 from fedasr.report.energy import track_energy
 from fedasr.report.round_log import TENSORBOARD_DIR, StepTensorboardLogger, TrainLoggers, tensorboard_available
 from fedasr.utils.device import check_precision, peak_gpu_memory, resolve_device
-from fedasr.utils.io import atomic_write_json, atomic_write_text
+from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text
 from fedasr.utils.preflight import check_writable, space_for_parameters
 
 logger = logging.getLogger(__name__)
@@ -54,13 +55,26 @@ def seed_everything(seed: int) -> None:
 
 
 def global_tokenizer(hp: dict, save_folder: Path) -> Tokenizer:
-    """Load the run's tokenizer, training it on the train manifest's text the first time only."""
+    """Load the run's tokenizer, training it on the train manifest's text the first time only (a run that
+    fine-tunes a checkpoint, ``init_from``, takes that checkpoint's tokenizer instead)."""
     path = save_folder / TOKENIZER_FILENAME
     if path.exists():
+        return Tokenizer(path)
+    if hp.get("init_from"):
+        with atomic_open(path, "wb") as handle:
+            handle.write((check_checkpoint(hp["init_from"]) / TOKENIZER_FILENAME).read_bytes())
         return Tokenizer(path)
     logger.info("training the %s tokenizer (vocab %s) on %s", hp["token_type"], hp["vocab_size"], hp["train_csv"])
     return train_tokenizer(manifest_sentences(hp["train_csv"]), path, vocab_size=int(hp["vocab_size"]),
                            model_type=hp["token_type"], character_coverage=float(hp["character_coverage"]))
+
+
+def start_from_checkpoint(model: torch.nn.Module, checkpoint_dir: str | os.PathLike) -> None:
+    """Fine-tuning (``init_from``): the checkpoint's weights and normaliser statistics, the statistics frozen as in
+    federated training. A resumed run's own checkpoint replaces the weights when SpeechBrain recovers it."""
+    model.load_state_dict(load_model_state(checkpoint_dir, model=model))  # checks the weights and tokenizer fit
+    model.freeze_normalizer()
+    logger.info("starting from %s (normaliser statistics frozen)", checkpoint_dir)
 
 
 def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, device: str = "cpu",
@@ -125,6 +139,8 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
         for split in ("train", "dev", "test")
     }
     brain = build_brain(experiment, tokenizer, out_dir, device=device, progressbar=progressbar, run_opts=run_opts)
+    if hp.get("init_from"):
+        start_from_checkpoint(brain.modules.model, hp["init_from"])
     loader = {"batch_size": int(hp["batch_size"]), "shuffle": hp["sorting"] == "random"}
     eval_loader = {"batch_size": int(hp["eval_batch_size"])}
     with track_energy(out_dir):  # energy.json, when codecarbon is installed

@@ -145,6 +145,30 @@ def test_fedprox_proximal_term_keeps_local_weights_near_the_global_ones(central_
 
 
 @pytest.mark.slow
+def test_a_run_can_start_from_a_seed_checkpoint(central_run, tmp_path):
+    """init_from: the checkpoint's tokenizer, weights and (frozen) normaliser statistics, where a run from scratch
+    trains a tokenizer and computes statistics of its own data."""
+    from fedasr.models.checkpoint import MODEL_FILENAME, load_model_state
+    from fedasr.models.tokenizer import TOKENIZER_FILENAME
+
+    seed = Path(central_run["seed_checkpoint"])
+    small = subset_manifests(central_run["manifests"], tmp_path / "m", {"train": 16, "dev": 4, "test": 4})
+    common = [f"--manifest_folder={small}", "--number_of_epochs=1", "--lr=1e-12", "--test_search=greedy"]
+    tuned = train_central(SYNTH_EXPERIMENT, [*common, f"--output_folder={tmp_path / 'tuned'}", f"--init_from={seed}"])
+    scratch = train_central(SYNTH_EXPERIMENT, [*common, f"--output_folder={tmp_path / 'scratch'}"])
+    start = load_model_state(seed)
+    after = torch.load(Path(tuned["seed_checkpoint"]) / MODEL_FILENAME, weights_only=True)
+    fresh = torch.load(Path(scratch["seed_checkpoint"]) / MODEL_FILENAME, weights_only=True)
+    assert (Path(tuned["seed_checkpoint"]) / TOKENIZER_FILENAME).read_bytes() == (seed / TOKENIZER_FILENAME).read_bytes()
+    for key in ("roles.normalize.glob_mean", "roles.normalize.glob_std"):
+        assert torch.equal(after[key], start[key])  # frozen: the 16 utterances did not move them
+        assert not torch.equal(fresh[key], start[key])  # a run from scratch computes its own
+    head = "roles.seq_head.w.weight"
+    assert torch.allclose(after[head], start[head], atol=1e-6) and not torch.allclose(fresh[head], start[head], atol=1e-3)
+    assert tuned["test_wer"] < scratch["test_wer"]  # the seed's quality, not an untrained model's
+
+
+@pytest.mark.slow
 def test_interrupted_training_resumes_from_its_last_checkpoint(prepared_manifests, tmp_path):
     data = subset_manifests(prepared_manifests, tmp_path / "data", {"train": 24, "dev": 6, "test": 6})
     out = tmp_path / "run"

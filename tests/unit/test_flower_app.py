@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedasr.data.manifest import manifest_path, write_manifest
 from fedasr.data.partition import load_partition, partition_manifest
@@ -113,7 +114,10 @@ def test_shipped_defaults_point_at_the_demo_and_resolve_against_the_app_folder(d
     assert run.partition == load_partition(demo / "partitions/cross-silo")["path"]
     assert run.output_dir == str(demo / "flwr-run") and run.num_clients == 4 and run.assign_partitions
     assert run.dev_manifest == str(demo / "manifests/dev.csv") and run.test_manifest == str(demo / "manifests/test.csv")
-    assert run.config.rounds == shipped_run_config()["num-server-rounds"] and run.config.lr == 0.002
+    assert run.config.rounds == shipped_run_config()["num-server-rounds"]
+    demo = yaml.safe_load((REPO / "hparams/pipeline/demo.yaml").read_text(encoding="utf-8"))["cross_silo"]["set"]
+    shipped = json.loads(shipped_run_config()["overrides"])  # "the demo's cross-silo settings", as pyproject says
+    assert {k: v for k, v in shipped.items() if k != "seed"} == {k: v for k, v in demo.items() if k != "rounds"}
 
 
 def test_num_server_rounds_overrides_rounds_and_zero_keeps_the_hparams(demo_like, monkeypatch):

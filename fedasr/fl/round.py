@@ -2,7 +2,8 @@
 
 A round: configure_train (a seeded sample of clients) -> send_and_receive -> the replies vetted once
 (replies.usable_replies) -> the strategy's aggregate_round, or the SecAgg+ path (secure.secure_round) -> the
-server's own fine-tuning of the aggregate when server_training asks for it -> dev (and test) WER of the new global model -> NewBob annealing of the client lr -> its metrics.jsonl row (MetricsRow).
+server's own fine-tuning of the aggregate when server_training asks for it -> dev (and test) WER of the new
+global model -> NewBob annealing of the client lr -> its metrics.jsonl row (MetricsRow).
 """
 
 from __future__ import annotations

@@ -115,4 +115,3 @@ def spread_over_speakers(utterances: list[Utterance], count: int) -> list[Uttera
     chosen = chosen[:count]
     keep = {id(u) for u in chosen}
     return [u for u in utterances if id(u) in keep]  # manifest order: the same batches whatever the speakers
-

@@ -284,9 +284,9 @@ def check_server_training(settings: ServerTraining) -> str | None:
     return None
 
 
-def server_training_manifest(config: FLConfig) -> str | None:
-    """The absolute path of the server's fine-tuning manifest (None when off); a missing file is an error now,
-    before Ray starts or anything is written."""
+def server_training_manifest(config: FLConfig, base: Path | None = None) -> str | None:
+    """The absolute path of the server's fine-tuning manifest (None when off; a relative one resolves against
+    ``base``, else the working directory); a missing file is an error now, before Ray starts or anything is written."""
     settings = config.server_training
     if not settings.epochs:
         return None
@@ -294,7 +294,7 @@ def server_training_manifest(config: FLConfig) -> str | None:
         raise FLConfigError("server_training.epochs > 0 needs server_training.manifest: the train.csv the server holds "
                             "(the pipeline sets its warm-up speakers'), e.g. --set "
                             "server_training.manifest=PARTITION/warmup/train.csv")
-    path = Path(str(settings.manifest)).resolve()
+    path = ((base or Path.cwd()) / Path(str(settings.manifest)).expanduser()).resolve()
     if not path.exists():
         raise FileNotFoundError(f"{path}: server_training.manifest not found (the data the server fine-tunes each "
                                 "round's model on). Set it to a train.csv, or server_training.epochs: 0")

@@ -150,9 +150,8 @@ def run_from_run_config(run_config: dict, *, simulation: bool = False) -> Federa
     if test and not Path(test).exists():
         raise FileNotFoundError(f"{test}: test manifest not found: set test-manifest in the run config, or leave it "
                                 "empty")
-    if config.server_training.manifest:  # relative: as the other inputs
-        config.server_training.manifest = str(_resolve(str(config.server_training.manifest), base))
-    config.server_training.manifest = server_training_manifest(config) or config.server_training.manifest
+    if config.server_training.epochs:  # a relative manifest resolves as the other inputs
+        config.server_training.manifest = server_training_manifest(config, base)
     num_clients = int(run_config.get("num-clients") or 0) or _count_clients(partition)
     if config.clients_per_round is not None and int(config.clients_per_round) > num_clients:
         raise FLConfigError(f"clients_per_round is {config.clients_per_round} but the run has {num_clients} clients "

@@ -198,7 +198,8 @@ def resolve_run(
     seed = Path(seed_checkpoint).resolve()
     if not seed.exists():
         raise FileNotFoundError(f"{seed}: seed checkpoint not found. Run the warm-up first (it exports the seed).")
-    config.server_training.manifest = server_training_manifest(config) or config.server_training.manifest
+    if config.server_training.epochs:
+        config.server_training.manifest = server_training_manifest(config)
     return FederatedRun(
         config=config, seed_checkpoint=str(seed), partition=loaded["path"], output_dir=str(Path(output_dir).resolve()),
         dev_manifest=str(dev), test_manifest=str(test) if test else "", num_clients=num_clients,

@@ -12,12 +12,16 @@ Layout of ``<out>``: ``corpus/`` (synth only), ``manifests/``, ``partitions/{cro
 ``stages.json`` (seconds per stage).
 
 The centralized baseline trains from scratch on all training speakers (warm-up speakers included), as the
-reference does; the federated runs start from the warm-up seed.
+reference does; the federated runs start from the warm-up seed. The centralized training depends on no other
+training, so where the CPU has the cores (``central_beside_warmup``) it runs in a child process from the warm-up's
+start until compare needs it (output in ``logs/central.log``), beside the warm-up and the federated stages.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -91,7 +95,7 @@ _FIX = "Every key is documented in hparams/pipeline/demo.yaml."
 _FL_SECTION = {"hparams": str, "set": (dict, type(None))}
 _PIPELINE_SCHEMA = {
     "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "device": str, "precision": str,
-    "corpus": dict, "prepare": dict,
+    "central_beside_warmup": (bool, str), "corpus": dict, "prepare": dict,
     "partition": {"warmup_speakers": int, "cross_silo_clients": int, "cross_device_clients": (int, type(None)),
                   "min_utterances": int, "valid_fraction": float, "seed": int,
                   "silo_sizes": str, "size_exponent": (int, float), "skew": str, "skew_share": (int, float)},
@@ -108,7 +112,7 @@ def optional_defaults() -> dict:
     from fedasr.data.partition import partition_manifest
 
     parameters = inspect.signature(partition_manifest).parameters
-    return {"device": "auto", "precision": "fp32",
+    return {"device": "auto", "precision": "fp32", "central_beside_warmup": "auto",
             "partition": {key: parameters[key].default for key in SILO_LAYOUT_KEYS}}
 
 
@@ -141,6 +145,12 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
                                 f"hparams/fl/{name}.yaml). {_FIX}")
     if "threads" in config and config["threads"] < 1:
         raise PipelineError(f"{source}: threads must be >= 1, got {config['threads']}. {_FIX}")
+    beside = config.get("central_beside_warmup", "auto")
+    if beside not in (True, False, "auto"):
+        raise PipelineError(f"{source}: central_beside_warmup must be auto, true or false, got {beside!r}. {_FIX}")
+    if beside is True and (config.get("central") or {}).get("init_from") == "warmup":
+        raise PipelineError(f"{source}: central_beside_warmup is true but central.init_from is warmup: the centralized "
+                            "run then needs the warm-up's model. Set central_beside_warmup to auto or false.")
     silo_layout = {key: (config.get("partition") or {}).get(key) for key in SILO_LAYOUT_KEYS}
     if complete:  # values the partition stage would refuse hours in, after warm-up and central training
         try:
@@ -214,6 +224,12 @@ class Stage:
     name: str
     settings: dict
     action: Callable[[], dict | None]
+    # A stage independent of the ones around it may run in a child process: it starts with the stage named
+    # ``beside`` and must have finished when the stage named ``needed_by`` starts (None: at its own turn).
+    # ``in_child`` is what the child calls, with its echo (picklable: a module-level function or a partial of one).
+    beside: str | None = None
+    needed_by: str | None = None
+    in_child: Callable[[Callable[[str], None]], None] | None = None
 
 
 @dataclass
@@ -252,7 +268,11 @@ def fingerprints(stages: list[Stage]) -> dict[str, dict]:
 
 
 def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = None) -> dict[str, str]:
-    """Run the selected stages in order; a stage whose done-marker matches is skipped. Returns {stage: state}."""
+    """Run the selected stages in order; a stage whose done-marker matches is skipped. Returns {stage: state}.
+
+    A stage with ``beside`` starts, in a child process, when the stage it names starts (both selected and not done);
+    it is waited for and marked done before the stage it is ``needed_by`` (else at its own turn) and before this
+    returns. A failure stops the children still running: each resumes from its own checkpoints on the next run."""
     names = [s.name for s in pipeline.stages]
     selected = stage_range(start, stop, tuple(names))
     prints = fingerprints(pipeline.stages)
@@ -263,24 +283,102 @@ def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = 
     states = {}
     timings_file = pipeline.out / "stages.json"
     timings = read_json(timings_file) if timings_file.exists() else {}
-    for number, stage in enumerate(pipeline.stages, start=1):
-        if stage.name not in selected:
-            continue
-        label = f"[{number}/{len(pipeline.stages)}] {stage.name}"
-        if is_done(pipeline.out, stage.name, prints[stage.name]):
-            pipeline.echo(f"== {label}: done before, skipped")
-            states[stage.name] = "skipped"
-            continue
-        pipeline.echo(f"== {label}: running")
-        started = time.perf_counter()
-        stage.action()
-        seconds = time.perf_counter() - started
+    labels = {s.name: f"[{number}/{len(names)}] {s.name}" for number, s in enumerate(pipeline.stages, start=1)}
+    pending = [s for s in pipeline.stages if s.name in selected and not is_done(pipeline.out, s.name, prints[s.name])]
+    children: dict[str, ChildStage] = {}
+
+    def finished(stage: Stage, seconds: float, where: str = "") -> None:
         mark_done(pipeline.out, stage.name, prints[stage.name])
         timings[stage.name] = round(seconds, 1)
         atomic_write_json(timings_file, timings)
-        pipeline.echo(f"== {label}: finished in {seconds:.1f} s")
+        pipeline.echo(f"== {labels[stage.name]}: finished in {seconds:.1f} s{where}")
         states[stage.name] = "ran"
+
+    def wait_for(child: ChildStage) -> None:
+        del children[child.stage.name]
+        finished(child.stage, child.finish(pipeline.echo), f" (ran beside {child.stage.beside})")
+
+    try:
+        for stage in pipeline.stages:
+            if stage.name not in selected:
+                continue
+            for child in [c for c in children.values() if c.stage.needed_by == stage.name]:
+                wait_for(child)
+            if stage not in pending:
+                pipeline.echo(f"== {labels[stage.name]}: done before, skipped")
+                states[stage.name] = "skipped"
+            elif stage.name in children:
+                if stage.needed_by is None:
+                    wait_for(children[stage.name])
+                else:
+                    pipeline.echo(f"== {labels[stage.name]}: still running beside the next stages (needed by "
+                                  f"{stage.needed_by}; log: {children[stage.name].log})")
+            else:
+                pipeline.echo(f"== {labels[stage.name]}: running")
+                for partner in (s for s in pending if s.beside == stage.name):
+                    children[partner.name] = ChildStage(partner, pipeline.out)
+                    pipeline.echo(f"== {partner.name}: running beside {stage.name} (log: {children[partner.name].log})")
+                started = time.perf_counter()
+                stage.action()
+                finished(stage, time.perf_counter() - started)
+        for child in list(children.values()):
+            wait_for(child)
+    finally:
+        for child in children.values():
+            child.stop()
     return states
+
+
+class ChildStage:
+    """A stage running in a child process, its output in ``<out>/logs/<stage>.log``, its echoed lines relayed when
+    it is waited for."""
+
+    def __init__(self, stage: Stage, out: Path) -> None:
+        self.stage = stage
+        self.log = out / "logs" / f"{stage.name}.log"
+        self.echoed = self.log.with_suffix(".echo")
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.echoed.write_text("", encoding="utf-8")
+        self.started = time.perf_counter()
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_run_child_stage, args=(stage.in_child, str(self.log), str(self.echoed)),
+            name=f"fedasr-{stage.name}")  # spawn: nothing of this process's torch or Ray state is shared
+        self.process.start()
+
+    def finish(self, echo: Callable[[str], None]) -> float:
+        """Wait for the child; its echoed lines, then its seconds; StageFailed (with the log's tail) if it failed."""
+        self.process.join()
+        seconds = time.perf_counter() - self.started
+        for line in self.echoed.read_text(encoding="utf-8").splitlines():
+            echo(line)
+        if self.process.exitcode != 0:
+            tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.exists() else ""
+            raise StageFailed(f"{self.stage.name} (run beside another stage) exited with {self.process.exitcode}; "
+                              f"log {self.log}:\n{tail}")
+        return seconds
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join()
+
+
+def _run_child_stage(action: Callable[[Callable[[str], None]], None], log: str, echoed: str) -> None:
+    """In the child process: stdout, stderr and INFO logging into ``log``; ``action(echo)``."""
+    import logging
+
+    with open(log, "a", encoding="utf-8") as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+    def echo(line: str) -> None:
+        print(line, flush=True)
+        with open(echoed, "a", encoding="utf-8") as relay:
+            relay.write(line + "\n")
+
+    action(echo)
 
 
 # ---- the stages --------------------------------------------------------------------------------------------------
@@ -371,6 +469,28 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
     evaluate_run_model(layout, setting)
+
+
+def central_beside_warmup(config: dict) -> bool:
+    """Whether the centralized baseline trains beside the warm-up and the federated stages (setting
+    ``central_beside_warmup``): never when it starts from the warm-up's model; ``auto``: on the CPU when the
+    cores hold two trainings (2 x ``threads``)."""
+    from fedasr.utils.device import resolve_device, usable_cores
+
+    choice = config["central_beside_warmup"]
+    if (config["central"] or {}).get("init_from") == "warmup" or choice is False:
+        return False
+    if choice is True:
+        return True
+    return resolve_device(config["device"]) == "cpu" and usable_cores() >= 2 * int(config["threads"])
+
+
+def central_alongside(layout: Layout) -> dict:
+    """The central Stage's fields that run it in a child process from the warm-up's start until compare needs it."""
+    if not central_beside_warmup(layout.config):
+        return {}
+    return {"beside": "warmup", "needed_by": "compare",
+            "in_child": functools.partial(do_train_central, layout, "central")}
 
 
 def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
@@ -551,7 +671,8 @@ def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.Pat
         Stage("partition", {"partition": c["partition"]}, lambda: do_partition(layout, echo)),
         Stage("warmup", {k: c[k] for k in ("experiment", "model", "seed", "precision", "warmup")},
               lambda: do_train_central(layout, "warmup", echo)),
-        Stage("central", {k: c[k] for k in ("central", "precision", "evaluation")}, lambda: do_train_central(layout, "central", echo)),
+        Stage("central", {k: c[k] for k in ("central", "precision", "evaluation")},
+              lambda: do_train_central(layout, "central", echo), **central_alongside(layout)),
         Stage("cross-silo", {"fl": c["cross_silo"], "precision": c["precision"], "evaluation": c["evaluation"]},
               lambda: do_federate(layout, "cross-silo", echo)),
         Stage("cross-device", {"fl": c["cross_device"], "precision": c["precision"], "evaluation": c["evaluation"]},

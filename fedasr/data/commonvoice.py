@@ -48,6 +48,7 @@ import soundfile
 
 from fedasr.data.manifest import Utterance, manifest_path, write_manifest
 from fedasr.data.normalize import Normalizer, contains_digits, get_normalizer
+from fedasr.utils.device import usable_cores
 from fedasr.utils.io import atomic_open, atomic_write_json, done_marker, is_done, mark_done, read_json
 from fedasr.utils.preflight import check_writable
 
@@ -535,10 +536,7 @@ def prepare_split(split: str, tsv_path: Path, out_dir: Path, results_of, skipped
 
 def _default_workers(tsvs: dict[str, Path]) -> int:
     """All cores, but no more processes than chunks of rows: a small corpus does not pay the pool start-up."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     estimated_rows = sum(p.stat().st_size for p in tsvs.values()) // TSV_BYTES_PER_ROW
     return max(1, min(cores, estimated_rows // CHUNK_ROWS))
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from fedasr.utils.device import usable_cores
 from fedasr.utils.io import atomic_open, atomic_write_json, done_marker, is_done, mark_done, read_json
 
 log = logging.getLogger(__name__)
@@ -413,10 +414,6 @@ def write_tsv(path: Path, rows: list[dict[str, str]]) -> None:
             handle.write("\t".join(row[c] for c in TSV_COLUMNS) + "\n")
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def render_all(jobs: list[ClipJob], workers: int) -> list[float]:
     """Render every clip; threads suffice because espeak-ng runs as a subprocess and libsndfile releases the GIL."""
     if workers <= 1:
@@ -514,7 +511,7 @@ def synthesize_corpus(
     out = Path(out_dir)
     speakers = DEFAULT_SPEAKERS if speakers is None else int(speakers)
     per_speaker = DEFAULT_UTTERANCES_PER_SPEAKER if utterances_per_speaker is None else int(utterances_per_speaker)
-    workers = default_workers() if workers is None else int(workers)
+    workers = usable_cores() if workers is None else int(workers)
     conditions = resolve_acoustics(
         acoustics, noise_db_range=noise_db_range, speed_range=speed_range, reverb_rt60_range=reverb_rt60_range
     )

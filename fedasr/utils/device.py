@@ -120,6 +120,11 @@ def peak_gpu_memory(device: str, reset: bool = False) -> int | None:
     return peak
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 GPU_LOADER_WORKERS = 4  # audio decoding workers per process feeding a GPU (SpeechBrain's CV recipes use 4-6)
 
 
@@ -128,8 +133,7 @@ def loader_options(device: str, num_workers="auto") -> dict:
     the training itself needs the cores, and up to GPU_LOADER_WORKERS on a GPU, never more than the cores this
     process may use) and pinned memory for host-to-GPU copies."""
     if num_workers in (None, "auto"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        num_workers = min(GPU_LOADER_WORKERS, max(cores - 1, 0)) if str(device).startswith("cuda") else 0
+        num_workers = min(GPU_LOADER_WORKERS, max(usable_cores() - 1, 0)) if str(device).startswith("cuda") else 0
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
         raise ValueError(f"num_workers must be auto or an integer >= 0, got {num_workers!r}")
     options = {"num_workers": num_workers, "pin_memory": str(device).startswith("cuda")}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fedasr.utils.device import usable_cores
+
 REPO = Path(__file__).resolve().parents[2]
 # 12 speakers x 8 clips, 2 epochs, 2 rounds of 1 local epoch, greedy decoding everywhere, and the pure-CTC tiny
 # model: an attention decoder that has trained 2 epochs babbles to its maximum length on every utterance, which
@@ -54,6 +56,10 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path):
         assert f"[{number}/8] {stage}: finished" in done.stdout
     for mode in ("cross-silo", "cross-device"):
         assert f"{mode} round 2/2: dev WER" in done.stdout  # per-round progress
+    if usable_cores() >= 2:  # `central_beside_warmup: auto`: the centralized run trains in a child process
+        assert "== central: running beside warmup" in done.stdout
+        assert "[5/8] central: finished in" not in done.stdout.split("[6/8] cross-silo: running")[0]
+        assert "central: 2 epochs, dev WER" in (out / "logs" / "central.log").read_text()
     assert f"Report and plots: {out.resolve() / 'report'}" in done.stdout
 
     runs = {s: out / "runs" / "synth" / "fr" / s / MODEL / "seed1234" for s in SETTINGS}

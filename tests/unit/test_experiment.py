@@ -3,6 +3,9 @@ resumption after a failure, re-running stages whose settings changed."""
 
 from __future__ import annotations
 
+import functools
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,8 @@ import yaml
 
 from fedasr.utils.settings import deep_merge
 from fedasr.pipeline import (
-    Pipeline, PipelineError, Stage, load_pipeline_config, parse_set_overrides, run_stages, stage_range,
+    Pipeline, PipelineError, Stage, StageFailed, central_beside_warmup, load_pipeline_config, parse_set_overrides,
+    run_stages, stage_range,
 )
 from fedasr.experiment import ExperimentPathError, RunId, read_run_id, run_dir, save_run_config
 
@@ -91,6 +95,118 @@ def test_stage_selection_and_unfinished_earlier_stages(tmp_path):
     assert calls == ["a", "b"]
 
 
+# ---- a stage beside another (in a child process) -------------------------------------------------------------------
+
+def _child_training(folder: str, behaviour: str, echo) -> None:
+    """The child's work: note that it started (and its pid); then finish (echo a result line), fail or hang."""
+    Path(folder, "child.pid").write_text(str(os.getpid()))
+    Path(folder, "child.started").touch()
+    if behaviour == "hang":
+        time.sleep(60)
+    if behaviour == "outlive c" and not _wait_for(Path(folder, "c.ran")):
+        raise RuntimeError("c never ran while the child was running")
+    if behaviour == "fail":
+        raise RuntimeError("b broke in the child")
+    echo("   b: trained in the child")
+    Path(folder, "child.finished").touch()
+
+
+def _wait_for(path: Path, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.exists()
+
+
+def beside_pipeline(out: Path, calls: list, lines: list, *, child="finish", a_fails=False) -> Pipeline:
+    def action(name):
+        def run():
+            calls.append(name)
+            if name == "a":  # the stage b runs beside: b's child must start while a is still running
+                calls.append("b started during a" if _wait_for(out / "child.started") else "b not started")
+                if a_fails:
+                    raise RuntimeError("a broke")
+        return run
+    stages = [Stage("a", {}, action("a")),
+              Stage("b", {}, action("b"), beside="a", in_child=functools.partial(_child_training, str(out), child)),
+              Stage("c", {}, action("c"))]
+    return Pipeline(out=out, stages=stages, echo=lines.append)
+
+
+def test_a_stage_runs_beside_the_stage_it_names_and_is_finished_in_its_turn(tmp_path):
+    calls, lines = [], []
+    states = run_stages(beside_pipeline(tmp_path, calls, lines))
+    assert calls == ["a", "b started during a", "c"]  # b never ran in this process
+    assert states == {"a": "ran", "b": "ran", "c": "ran"}
+    assert (tmp_path / "child.finished").exists() and (tmp_path / ".done.b.json").exists()
+    assert f"== b: running beside a (log: {tmp_path / 'logs' / 'b.log'})" in lines
+    b_done = next(i for i, line in enumerate(lines) if line.startswith("== [2/3] b: finished in"))
+    assert lines[b_done].endswith("(ran beside a)") and lines[b_done - 1] == "   b: trained in the child"
+    assert "b: trained in the child" in (tmp_path / "logs" / "b.log").read_text()  # its console output, kept
+    calls.clear()
+    assert run_stages(beside_pipeline(tmp_path, calls, lines)) == {"a": "skipped", "b": "skipped", "c": "skipped"}
+
+
+def test_a_child_stage_may_run_on_until_the_stage_that_needs_it(tmp_path):
+    lines, seen = [], {}
+
+    def record(name, check=None):
+        def run():
+            if check:
+                seen[name] = check()
+            (tmp_path / f"{name}.ran").touch()
+        return run
+    stages = [Stage("a", {}, record("a", lambda: _wait_for(tmp_path / "child.started"))),
+              Stage("b", {}, record("b"), beside="a", needed_by="d",
+                    in_child=functools.partial(_child_training, str(tmp_path), "outlive c")),
+              Stage("c", {}, record("c", lambda: (tmp_path / ".done.b.json").exists())),
+              Stage("d", {}, record("d", lambda: (tmp_path / ".done.b.json").exists()))]
+    states = run_stages(Pipeline(out=tmp_path, stages=stages, echo=lines.append))
+    assert states == {"a": "ran", "b": "ran", "c": "ran", "d": "ran"} and not (tmp_path / "b.ran").exists()
+    assert seen == {"a": True, "c": False, "d": True}  # b ran beside a and c, and was done before d started
+    assert any(line.startswith("== [2/4] b: still running beside the next stages (needed by d") for line in lines)
+    stop_at_c = run_stages(Pipeline(out=tmp_path / "2", stages=stages[:3], echo=lines.append))
+    assert stop_at_c["b"] == "ran" and (tmp_path / "2" / ".done.b.json").exists()  # waited for before returning
+
+
+def test_a_failed_child_stage_names_its_log_and_runs_again_in_its_turn(tmp_path):
+    calls, lines = [], []
+    with pytest.raises(StageFailed, match="b broke in the child") as failure:
+        run_stages(beside_pipeline(tmp_path, calls, lines, child="fail"))
+    assert str(tmp_path / "logs" / "b.log") in str(failure.value)
+    assert (tmp_path / ".done.a.json").exists() and not (tmp_path / ".done.b.json").exists()
+    calls.clear()
+    assert run_stages(beside_pipeline(tmp_path, calls, lines)) == {"a": "skipped", "b": "ran", "c": "ran"}
+    assert calls == ["b", "c"]  # a is done: b runs here, in its turn
+
+
+def test_a_failing_stage_stops_the_child_beside_it(tmp_path):
+    calls, lines = [], []
+    with pytest.raises(RuntimeError, match="a broke"):
+        run_stages(beside_pipeline(tmp_path, calls, lines, child="hang", a_fails=True))
+    pid = int((tmp_path / "child.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # terminated and reaped, not left training for a minute
+        os.kill(pid, 0)
+    assert not (tmp_path / ".done.a.json").exists() and not (tmp_path / ".done.b.json").exists()
+
+
+def test_central_beside_warmup_setting(monkeypatch):
+    import fedasr.utils.device as device
+
+    config = load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", {"device": "cpu", "threads": 1})
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)
+    assert central_beside_warmup(config)  # auto, 2 cores for 2 single-threaded trainings
+    assert not central_beside_warmup({**config, "threads": 2})  # 4 threads on 2 cores: one after the other
+    assert not central_beside_warmup({**config, "central_beside_warmup": False})
+    assert central_beside_warmup({**config, "threads": 2, "central_beside_warmup": True})
+    assert not central_beside_warmup({**config, "central": {"init_from": "warmup"}})  # it needs the warm-up's model
+    with pytest.raises(PipelineError, match="central.init_from is warmup"):
+        load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml",
+                             {"central_beside_warmup": True, "central": {"init_from": "warmup"}})
+    with pytest.raises(PipelineError, match="central_beside_warmup must be auto, true or false"):
+        load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", {"central_beside_warmup": "yes"})
+
+
 def test_pipeline_config_overrides_and_errors(tmp_path):
     overrides = parse_set_overrides(["cross_silo.set.rounds=2", "corpus.speakers=12", "model=ctc_tiny"])
     config = load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", overrides)
@@ -108,13 +224,13 @@ def test_a_pipeline_file_from_before_the_device_and_silo_layout_keys_still_loads
     # A user's pipeline file (or a finished pipeline folder's pipeline.yaml) written before `device`, `precision`
     # and the partition's silo layout keys existed keeps working, with the behaviour it had.
     current = yaml.safe_load((REPO / "hparams" / "pipeline" / "demo.yaml").read_text())
-    older = {k: v for k, v in current.items() if k not in ("device", "precision")}
+    older = {k: v for k, v in current.items() if k not in ("device", "precision", "central_beside_warmup")}
     older["partition"] = {k: v for k, v in current["partition"].items()
                           if k not in ("silo_sizes", "size_exponent", "skew", "skew_share")}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(older))
     config = load_pipeline_config(path)
-    assert (config["device"], config["precision"]) == ("auto", "fp32")
+    assert (config["device"], config["precision"], config["central_beside_warmup"]) == ("auto", "fp32", "auto")
     assert config["partition"] == current["partition"]  # the demo's silo layout is partition_manifest's default
 
 

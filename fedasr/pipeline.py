@@ -302,8 +302,8 @@ def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = 
         for stage in pipeline.stages:
             if stage.name not in selected:
                 continue
-            for child in [c for c in children.values() if c.stage.needed_by == stage.name]:
-                wait_for(child)
+            for child in [c for c in children.values() if c.stage.needed_by == stage.name or c.failed()]:
+                wait_for(child)  # a failed child stops the pipeline at the next stage, not at compare
             if stage not in pending:
                 pipeline.echo(f"== {labels[stage.name]}: done before, skipped")
                 states[stage.name] = "skipped"
@@ -356,6 +356,9 @@ class ChildStage:
             raise StageFailed(f"{self.stage.name} (run beside another stage) exited with {self.process.exitcode}; "
                               f"log {self.log}:\n{tail}")
         return seconds
+
+    def failed(self) -> bool:
+        return self.process.exitcode not in (None, 0)
 
     def stop(self) -> None:
         if self.process.is_alive():

@@ -180,6 +180,17 @@ def test_a_failed_child_stage_names_its_log_and_runs_again_in_its_turn(tmp_path)
     assert calls == ["b", "c"]  # a is done: b runs here, in its turn
 
 
+def test_a_failed_child_stops_the_pipeline_at_the_next_stage(tmp_path):
+    lines, calls = [], []
+    stages = [Stage("a", {}, lambda: _wait_for(tmp_path / "child.started") and time.sleep(5)),  # the child fails meanwhile
+              Stage("b", {}, lambda: None, beside="a", needed_by="d",
+                    in_child=functools.partial(_child_training, str(tmp_path), "fail")),
+              Stage("c", {}, lambda: calls.append("c")), Stage("d", {}, lambda: calls.append("d"))]
+    with pytest.raises(StageFailed, match="b broke in the child"):
+        run_stages(Pipeline(out=tmp_path, stages=stages, echo=lines.append))
+    assert calls == []  # found when c was due, not after c at d's turn
+
+
 def test_a_failing_stage_stops_the_child_beside_it(tmp_path):
     calls, lines = [], []
     with pytest.raises(RuntimeError, match="a broke"):

@@ -182,7 +182,8 @@ def test_a_failed_child_stage_names_its_log_and_runs_again_in_its_turn(tmp_path)
 
 def test_a_failed_child_stops_the_pipeline_at_the_next_stage(tmp_path):
     lines, calls = [], []
-    stages = [Stage("a", {}, lambda: _wait_for(tmp_path / "child.started") and time.sleep(5)),  # the child fails meanwhile
+    # a waits while the child fails
+    stages = [Stage("a", {}, lambda: _wait_for(tmp_path / "child.started") and time.sleep(5)),
               Stage("b", {}, lambda: None, beside="a", needed_by="d",
                     in_child=functools.partial(_child_training, str(tmp_path), "fail")),
               Stage("c", {}, lambda: calls.append("c")), Stage("d", {}, lambda: calls.append("d"))]

@@ -336,26 +336,26 @@ class ChildStage:
     def __init__(self, stage: Stage, out: Path) -> None:
         self.stage = stage
         self.log = out / "logs" / f"{stage.name}.log"
-        self.echoed = self.log.with_suffix(".echo")
+        self.echoed = self.log.with_suffix(".echo")  # the lines it echoes, relayed when it is waited for
+        self.seconds = self.log.with_suffix(".seconds")  # how long it ran (it may be waited for much later)
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self.echoed.write_text("", encoding="utf-8")
-        self.started = time.perf_counter()
+        self.seconds.unlink(missing_ok=True)
         self.process = multiprocessing.get_context("spawn").Process(
-            target=_run_child_stage, args=(stage.in_child, str(self.log), str(self.echoed)),
+            target=_run_child_stage, args=(stage.in_child, str(self.log), str(self.echoed), str(self.seconds)),
             name=f"fedasr-{stage.name}")  # spawn: nothing of this process's torch or Ray state is shared
         self.process.start()
 
     def finish(self, echo: Callable[[str], None]) -> float:
         """Wait for the child; its echoed lines, then its seconds; StageFailed (with the log's tail) if it failed."""
         self.process.join()
-        seconds = time.perf_counter() - self.started
         for line in self.echoed.read_text(encoding="utf-8").splitlines():
             echo(line)
         if self.process.exitcode != 0:
             tail = self.log.read_text(encoding="utf-8", errors="replace")[-3000:] if self.log.exists() else ""
             raise StageFailed(f"{self.stage.name} (run beside another stage) exited with {self.process.exitcode}; "
                               f"log {self.log}:\n{tail}")
-        return seconds
+        return float(self.seconds.read_text(encoding="utf-8"))
 
     def failed(self) -> bool:
         return self.process.exitcode not in (None, 0)
@@ -366,8 +366,9 @@ class ChildStage:
             self.process.join()
 
 
-def _run_child_stage(action: Callable[[Callable[[str], None]], None], log: str, echoed: str) -> None:
-    """In the child process: stdout, stderr and INFO logging into ``log``; ``action(echo)``."""
+def _run_child_stage(action: Callable[[Callable[[str], None]], None], log: str, echoed: str, seconds: str) -> None:
+    """In the child process: stdout, stderr and INFO logging into ``log``; ``action(echo)``, its duration into
+    ``seconds``."""
     import logging
 
     with open(log, "a", encoding="utf-8") as handle:
@@ -381,7 +382,9 @@ def _run_child_stage(action: Callable[[Callable[[str], None]], None], log: str, 
         with open(echoed, "a", encoding="utf-8") as relay:
             relay.write(line + "\n")
 
+    started = time.perf_counter()
     action(echo)
+    atomic_write_text(Path(seconds), f"{time.perf_counter() - started:.3f}")
 
 
 # ---- the stages --------------------------------------------------------------------------------------------------

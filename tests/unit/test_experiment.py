@@ -105,6 +105,8 @@ def _child_training(folder: str, behaviour: str, echo) -> None:
         time.sleep(60)
     if behaviour == "outlive c" and not _wait_for(Path(folder, "c.ran")):
         raise RuntimeError("c never ran while the child was running")
+    if behaviour == "finish early":
+        time.sleep(1)
     if behaviour == "fail":
         raise RuntimeError("b broke in the child")
     echo("   b: trained in the child")
@@ -167,6 +169,16 @@ def test_a_child_stage_may_run_on_until_the_stage_that_needs_it(tmp_path):
     assert any(line.startswith("== [2/4] b: still running beside the next stages (needed by d") for line in lines)
     stop_at_c = run_stages(Pipeline(out=tmp_path / "2", stages=stages[:3], echo=lines.append))
     assert stop_at_c["b"] == "ran" and (tmp_path / "2" / ".done.b.json").exists()  # waited for before returning
+
+
+def test_a_child_stage_is_timed_by_its_own_run_not_by_when_it_is_waited_for(tmp_path):
+    stages = [Stage("a", {}, lambda: None),
+              Stage("b", {}, lambda: None, beside="a", needed_by="d",
+                    in_child=functools.partial(_child_training, str(tmp_path), "finish early")),
+              Stage("c", {}, lambda: time.sleep(4)), Stage("d", {}, lambda: None)]
+    run_stages(Pipeline(out=tmp_path, stages=stages, echo=lambda line: None))
+    seconds = yaml.safe_load((tmp_path / "stages.json").read_text())
+    assert 1.0 <= seconds["b"] < 4.0 <= seconds["c"]  # b ran ~1 s; it was waited for after c's 4 s
 
 
 def test_a_failed_child_stage_names_its_log_and_runs_again_in_its_turn(tmp_path):

@@ -135,11 +135,12 @@ def load_federated_run(folder: Path) -> RunRecord:
         model_bytes = travelling_model_bytes(folder)
         bytes_sent = model_bytes * sum(int(r.get("sampled", len(r.get("clients", [])))) for r in rounds)
         bytes_received = model_bytes * sum(len(r.get("clients", [])) + len(r.get("dropped", [])) for r in rounds)
+    dev_wer, test_wer = chosen_model_wers(folder, rows)
     return RunRecord(
         path=str(folder), name=_run_name(folder, setting), setting=setting, clients=num_clients,
         clients_per_round=int(config.get("clients_per_round") or num_clients), rounds=len(rounds),
         local_epochs=int(config["local_epochs"]), strategy=str(config["strategy"]["name"]),
-        dev_wer=float(rows[-1]["dev_wer"]), test_wer=federated_test_wer(folder, rows),
+        dev_wer=dev_wer, test_wer=test_wer,
         bytes_sent=bytes_sent, bytes_received=bytes_received,
         wall_seconds=sum(float(r.get("seconds", {}).get("round", 0.0)) for r in rounds),
         compute_seconds=sum(float(r.get("train_fit_seconds_sum", 0.0)) + float(r.get("seconds", {}).get("evaluate", 0.0))
@@ -149,15 +150,15 @@ def load_federated_run(folder: Path) -> RunRecord:
     )
 
 
-def federated_test_wer(folder: Path, rows: list[MetricsRow]) -> float | None:
-    """Test WER of the model chosen by dev WER (summary.json's best_test_wer, as a centralized run reports its best
-    epoch's); runs recorded before it: the last tested round's."""
+def chosen_model_wers(folder: Path, rows: list[MetricsRow]) -> tuple[float, float | None]:
+    """Dev and test WER of the model chosen by dev WER (summary.json's best round, as a centralized run reports its
+    best epoch's); runs recorded before it: the last round's dev WER and the last tested round's test WER."""
     summary_path = folder / "summary.json"
-    best = read_json(summary_path).get("best_test_wer") if summary_path.exists() else None
-    if best is not None:
-        return float(best)
+    summary = read_json(summary_path) if summary_path.exists() else {}
+    if summary.get("best_test_wer") is not None:
+        return float(summary["best_dev_wer"]), float(summary["best_test_wer"])
     tested = [r for r in rows if r.get("test_wer") is not None]
-    return float(tested[-1]["test_wer"]) if tested else None
+    return float(rows[-1]["dev_wer"]), float(tested[-1]["test_wer"]) if tested else None
 
 
 def travelling_model_bytes(folder: Path) -> int:

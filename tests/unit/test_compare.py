@@ -97,6 +97,17 @@ def test_table_values_match_the_run_files(runs, tmp_path):
     assert silo["test_wer_ci95"] == (0.2, 0.5) and 2.0 / 3.0 <= silo["wer_vs_central_ci95"][0] < silo["wer_vs_central_ci95"][1] <= 2.0
 
 
+def test_a_federated_row_shows_the_dev_and_test_wer_of_one_model_the_best_dev_rounds(runs, tmp_path):
+    silo = runs[1]
+    with open(silo / "metrics.jsonl", "a") as handle:  # a third round, worse on dev: the model kept is round 2's
+        handle.write(json.dumps({"round": 3, "lr": 0.16, "sampled": 4, "clients": [0, 1, 2, 3], "dropped": [],
+                                 "dev_wer": 0.48, "test_wer": 0.41}) + "\n")
+    (silo / "summary.json").write_text(json.dumps({"best_round": 2, "best_dev_wer": 0.40, "best_test_wer": 0.35,
+                                                   "final_dev_wer": 0.48, "final_test_wer": 0.41}))
+    row = compare_runs(runs, tmp_path / "report", profile="v100", grid="france")["rows"][1]
+    assert (row["dev_wer"], row["test_wer"]) == (0.40, 0.35)
+
+
 def test_bytes_counted_by_the_server_are_used_when_recorded(runs, tmp_path):
     silo = runs[1]
     rows = [json.loads(line) for line in (silo / "metrics.jsonl").read_text().splitlines()]

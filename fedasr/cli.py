@@ -397,13 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int = logging.INFO) -> None:
+    """The console log format of every fedasr command (and of a pipeline stage run in a child process)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     if args.threads:
         import torch
 

@@ -284,7 +284,7 @@ def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = 
     timings_file = pipeline.out / "stages.json"
     timings = read_json(timings_file) if timings_file.exists() else {}
     labels = {s.name: f"[{number}/{len(names)}] {s.name}" for number, s in enumerate(pipeline.stages, start=1)}
-    pending = [s for s in pipeline.stages if s.name in selected and not is_done(pipeline.out, s.name, prints[s.name])]
+    pending = {name for name in selected if not is_done(pipeline.out, name, prints[name])}
     children: dict[str, ChildStage] = {}
 
     def finished(stage: Stage, seconds: float, where: str = "") -> None:
@@ -304,7 +304,7 @@ def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = 
                 continue
             for child in [c for c in children.values() if c.stage.needed_by == stage.name or c.failed()]:
                 wait_for(child)  # a failed child stops the pipeline at the next stage, not at compare
-            if stage not in pending:
+            if stage.name not in pending:
                 pipeline.echo(f"== {labels[stage.name]}: done before, skipped")
                 states[stage.name] = "skipped"
             elif stage.name in children:
@@ -315,7 +315,7 @@ def run_stages(pipeline: Pipeline, start: str | None = None, stop: str | None = 
                                   f"{stage.needed_by}; log: {children[stage.name].log})")
             else:
                 pipeline.echo(f"== {labels[stage.name]}: running")
-                for partner in (s for s in pending if s.beside == stage.name):
+                for partner in (s for s in pipeline.stages if s.name in pending and s.beside == stage.name):
                     children[partner.name] = ChildStage(partner, pipeline.out)
                     pipeline.echo(f"== {partner.name}: running beside {stage.name} (log: {children[partner.name].log})")
                 started = time.perf_counter()
@@ -369,13 +369,12 @@ class ChildStage:
 def _run_child_stage(action: Callable[[Callable[[str], None]], None], log: str, echoed: str, seconds: str) -> None:
     """In the child process: stdout, stderr and INFO logging into ``log``; ``action(echo)``, its duration into
     ``seconds``."""
-    import logging
+    from fedasr.cli import configure_logging
 
     with open(log, "a", encoding="utf-8") as handle:
         os.dup2(handle.fileno(), 1)
         os.dup2(handle.fileno(), 2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    configure_logging()
 
     def echo(line: str) -> None:
         print(line, flush=True)
@@ -491,12 +490,12 @@ def central_beside_warmup(config: dict) -> bool:
     return resolve_device(config["device"]) == "cpu" and usable_cores() >= 2 * int(config["threads"])
 
 
-def central_alongside(layout: Layout) -> dict:
-    """The central Stage's fields that run it in a child process from the warm-up's start until compare needs it."""
-    if not central_beside_warmup(layout.config):
+def central_alongside(central_training: Callable[[Callable[[str], None]], None], config: dict) -> dict:
+    """The central Stage's fields that run ``central_training`` in a child process from the warm-up's start until
+    compare needs it (none when it runs in its turn)."""
+    if not central_beside_warmup(config):
         return {}
-    return {"beside": "warmup", "needed_by": "compare",
-            "in_child": functools.partial(do_train_central, layout, "central")}
+    return {"beside": "warmup", "needed_by": "compare", "in_child": central_training}
 
 
 def fit_to_partition(config, num_clients: int) -> tuple[dict, list[str]]:
@@ -670,6 +669,7 @@ def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.Pat
         raise FileNotFoundError(f"{corpus}: Common Voice folder not found (it must hold clips/ and train/dev/test.tsv)")
     layout = Layout(out, config, Path(corpus).resolve() if corpus is not None else None)
     c = config
+    central_training = functools.partial(do_train_central, layout, "central")  # picklable: it may run in a child
     stages = [
         Stage("synth", {"corpus": c["corpus"] if corpus is None else str(layout.corpus_dir), "language": c["language"]},
               (lambda: do_synth(layout, echo)) if corpus is None else (lambda: echo(f"   using {layout.corpus_dir}"))),
@@ -677,8 +677,8 @@ def build_pipeline(out: str | os.PathLike, config: dict, *, corpus: str | os.Pat
         Stage("partition", {"partition": c["partition"]}, lambda: do_partition(layout, echo)),
         Stage("warmup", {k: c[k] for k in ("experiment", "model", "seed", "precision", "warmup")},
               lambda: do_train_central(layout, "warmup", echo)),
-        Stage("central", {k: c[k] for k in ("central", "precision", "evaluation")},
-              lambda: do_train_central(layout, "central", echo), **central_alongside(layout)),
+        Stage("central", {k: c[k] for k in ("central", "precision", "evaluation")}, lambda: central_training(echo),
+              **central_alongside(central_training, c)),
         Stage("cross-silo", {"fl": c["cross_silo"], "precision": c["precision"], "evaluation": c["evaluation"]},
               lambda: do_federate(layout, "cross-silo", echo)),
         Stage("cross-device", {"fl": c["cross_device"], "precision": c["precision"], "evaluation": c["evaluation"]},

@@ -100,7 +100,8 @@ class FLConfig:
     seed: int = 1234
     clients_per_round: int | None = None  # None: all clients (cross-silo)
     client_optimizer: ClientOptimizer = field(default_factory=ClientOptimizer)
-    strategy: dict = field(default_factory=lambda: {"name": "wer-softmax", "temperature": 1.0, "mix": 1.0, "server_lr": 1.0})
+    strategy: dict = field(default_factory=lambda: {"name": "wer-softmax", "temperature": 1.0, "mix": 1.0,
+                                                            "server_optimizer": "sgd", "server_lr": 1.0})
     wer_source: str = "server"
     annealing: Annealing = field(default_factory=Annealing)
     evaluation: Evaluation = field(default_factory=Evaluation)
@@ -310,6 +311,9 @@ def check_privacy(config: FLConfig) -> str | None:
         return (f"privacy.enabled requires strategy.name: fedavg (got {config.strategy.get('name')!r}): softmax and "
                 "adaptive strategies can give one client a weight near 1, so the noise, calibrated for a weight of "
                 "1 / clients_per_round, would not hide that client. Set strategy: {name: fedavg} or privacy.enabled: false")
+    if config.strategy.get("server_optimizer", "sgd") != "sgd":
+        return (f"privacy.enabled takes its own server step (server_lr on the noised mean); strategy.server_optimizer "
+                f"{config.strategy.get('server_optimizer')!r} would be ignored: set it to sgd or privacy.enabled: false")
     if p.noise_multiplier < 0 or p.clipping_norm <= 0:
         return f"privacy needs noise_multiplier >= 0 and clipping_norm > 0, got {p.noise_multiplier} and {p.clipping_norm}"
     if not 0 < p.delta < 1:

@@ -53,6 +53,8 @@ class FederatedRun:
         cfg.pop("device")  # where it computes, not what: a run started on the CPU may continue on a GPU
         if cfg.get("precision") == "fp32":
             cfg.pop("precision")  # the default leaves the fingerprint of runs checkpointed before the setting existed
+        if cfg.get("strategy", {}).get("server_optimizer") == "sgd":
+            cfg["strategy"].pop("server_optimizer")  # the default: as for precision
         if not cfg.get("server_training", {}).get("epochs"):
             cfg.pop("server_training", None)  # off: as for precision (and the manifest is then never read)
         return {"config": json.dumps(cfg, sort_keys=True), "seed_checkpoint": self.seed_checkpoint,

@@ -238,6 +238,6 @@ def secure_round(grid, strategy, server_round: int, arrays: ArrayRecord, replies
     averaged = {key: (current[key].astype(np.float64) + result.average[key]).astype(current[key].dtype)
                 for key in current}
     metrics = strategy.round_metrics(finished, np.array(list(weights.values())), dropped=len(weighed.dropped))
-    outcome = RoundOutcome(arrays=numpy_to_arrayrecord(strategy.apply_server_lr(averaged)), metrics=metrics,
+    outcome = RoundOutcome(arrays=numpy_to_arrayrecord(strategy.apply_server_step(averaged)), metrics=metrics,
                            clients=list(weights), weights=weights, dropped=dropped)
     return outcome, result.bytes_received

@@ -93,7 +93,9 @@ def test_flower_optimizer_state_round_trips(name, tmp_path):
 
 
 @pytest.mark.parametrize("strategy,clients_per_round", [({"name": "wer-softmax", "temperature": 0.05}, 4),
-                                                         ({"name": "fedadam", "eta": 0.05}, None)])
+                                                         ({"name": "fedadam", "eta": 0.05}, None),
+                                                         ({"name": "wer-softmax", "server_optimizer": "adam",
+                                                           "server_lr": 0.05}, 4)])
 def test_killed_run_resumed_matches_uninterrupted_run(tmp_path, fake_clients, strategy, clients_per_round):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
     full_grid = fake_grid()
@@ -166,6 +168,28 @@ def test_client_partition_errors_name_the_fix(fake_clients):
     assert client_app.node_partition(context, {"partition": "p.json"}) == ("/silo/own.json", 3)
 
 
+def test_softmax_server_optimizer_moments_round_trip_and_a_mismatch_is_refused(tmp_path):
+    from fedasr.fl.checkpoint import restore_strategy_state
+
+    settings = {"server_optimizer": "adam", "server_lr": 0.1}
+    strategy = build_strategy("wer-softmax", settings, num_clients=2)
+    strategy.current_arrays = {"w": np.zeros(3, np.float32)}
+    strategy.apply_server_step({"w": np.array([1.0, -2.0, 0.5], np.float32)})
+    save_server_state(tmp_path, ServerState(round=1, arrays={}, strategy=strategy.state_dict()))
+    saved = load_server_state(tmp_path)
+    fresh = build_strategy("wer-softmax", settings, num_clients=2)
+    restore_strategy_state(fresh, saved, checkpoint_path(tmp_path))
+    for moment in ("first_moment", "second_moment"):
+        kept = getattr(fresh.server_optimizer, moment)["w"]
+        assert kept.any() and np.array_equal(kept, getattr(strategy.server_optimizer, moment)["w"])
+    with pytest.raises(CheckpointError, match="server_state.pt: the strategy state does not fit.*'adam'.*'momentum'"):
+        restore_strategy_state(build_strategy("wer-softmax", {"server_optimizer": "momentum"}, num_clients=2), saved,
+                               checkpoint_path(tmp_path))
+    with pytest.raises(CheckpointError, match="holds no moments for server optimizer 'adam'"):
+        restore_strategy_state(build_strategy("wer-softmax", settings, num_clients=2),
+                               ServerState(round=1, arrays={}), checkpoint_path(tmp_path))
+
+
 def test_an_older_strategy_state_loads_and_one_of_another_strategy_is_refused(tmp_path):
     from fedasr.fl.checkpoint import restore_strategy_state
 
@@ -175,3 +199,16 @@ def test_an_older_strategy_state_loads_and_one_of_another_strategy_is_refused(tm
     foreign = ServerState(round=1, arrays={}, strategy={"momentum_vector": {"kind": "plain", "value": [np.ones(3)]}})
     with pytest.raises(CheckpointError, match="server_state.pt: the strategy state does not fit.*momentum_vector"):
         restore_strategy_state(build_strategy("fedadam", {}, num_clients=2), foreign, checkpoint_path(tmp_path))
+
+
+def test_the_default_server_optimizer_leaves_the_resume_fingerprint_of_older_runs_unchanged():
+    from fedasr.fl.config import config_from_dict
+    from fedasr.fl.run import FederatedRun
+
+    def fingerprint(strategy):
+        return FederatedRun(config=config_from_dict({"strategy": strategy}), seed_checkpoint="seed", partition="p.json",
+                            output_dir="out", dev_manifest="dev.csv", num_clients=2).fingerprint()["config"]
+
+    written_before = {"name": "wer-softmax", "temperature": 1.0, "mix": 1.0, "server_lr": 1.0}
+    assert fingerprint(written_before) == fingerprint({**written_before, "server_optimizer": "sgd"})
+    assert fingerprint(written_before) != fingerprint({**written_before, "server_optimizer": "momentum"})

@@ -87,6 +87,38 @@ def test_server_learning_rate_moves_part_of_the_way():
     assert np.array_equal(arrays["frozen"], [3.0, 4.0])
 
 
+@pytest.mark.parametrize("optimizer", ["momentum", "adam", "yogi"])
+def test_server_optimizers_on_the_softmax_update_follow_their_formulas(optimizer):
+    """Two rounds of wer-softmax with a server optimizer: the step is computed from the weighted average's
+    pseudo-gradient d with the moments of the previous round (written out here for one scalar weight)."""
+    lr, b1, b2, tau = 0.5, 0.8, 0.9, 1e-3
+    strategy = build_strategy("wer-softmax", {"server_optimizer": optimizer, "server_lr": lr, "server_beta_1": b1,
+                                              "server_beta_2": b2, "server_tau": tau}, num_clients=2)
+    x, m, v = 2.0, 0.0, 0.0
+    for average in (4.0, 3.0):
+        arrays, _, _ = aggregate(strategy, [client_reply(0, average, wer=0.2), client_reply(1, average, wer=0.6)],
+                                 current=x)
+        d = average - x
+        if optimizer == "momentum":
+            m = b1 * m + d
+            x = x + lr * m
+        else:
+            m = b1 * m + (1 - b1) * d
+            v = b2 * v + (1 - b2) * d * d if optimizer == "adam" else v - (1 - b2) * d * d * np.sign(v - d * d)
+            x = x + lr * m / (math.sqrt(v) + tau)
+        np.testing.assert_allclose(arrays["w"], x, rtol=1e-5)
+        assert np.array_equal(arrays["frozen"], [3.0, 4.0])  # an unchanged array has d = 0: no step
+    assert x != pytest.approx(3.0)  # the momentum carried the model past the second round's average
+
+
+def test_the_default_server_step_is_the_published_formula_and_keeps_no_state():
+    strategy = build_strategy("wer-softmax", {}, num_clients=2)
+    arrays, _, outcome = aggregate(strategy, [client_reply(0, 4.0, wer=0.0), client_reply(1, 2.0, wer=1.0)], current=9.0)
+    e = math.exp(1.0)
+    np.testing.assert_allclose(arrays["w"], (4.0 * e + 2.0) / (e + 1.0), rtol=1e-6)  # x <- sum_k alpha_k x_k
+    assert strategy.state_dict() == {}
+
+
 def test_server_side_scoring_replaces_client_wer():
     seen = []
 
@@ -177,6 +209,10 @@ def test_dotted_overrides_reach_nested_settings():
     ("hparams/fl/cross_silo.yaml", {"roundz": 3}, "unknown key"),
     ("hparams/fl/cross_silo.yaml", {"mode": "p2p"}, "mode must be one of"),
     ("missing.yaml", {}, "not found"),
+    ("hparams/fl/cross_silo.yaml", {"strategy": {"server_optimizer": "nesterov"}}, "server_optimizer must be one of"),
+    ("hparams/fl/cross_silo.yaml", {"strategy": {"server_optimizer": "adam", "server_beta_2": 1.0}}, "server_beta_2"),
+    ("hparams/fl/cross_silo.yaml", {"strategy": {"name": "fedavg", "server_optimizer": "adam"},
+                                    "privacy": {"enabled": True}}, "privacy.enabled takes its own server step"),
 ])
 def test_bad_fl_settings_are_refused_with_the_reason(tmp_path, hparams, overrides, message):
     from fedasr.fl.config import FLConfigError, load_fl_config

@@ -88,7 +88,8 @@ _SOFTMAX = {
     "fedavg": {"score": "examples", "mix": 0.0},
 }
 _FLOWER = {"fedadam": RobustFedAdam, "fedyogi": RobustFedYogi, "fedprox": RobustFedProx, "fedavgm": RobustFedAvgM}
-_SOFTMAX_KEYS = {"temperature", "mix", "server_lr"}
+_SERVER_STEP_KEYS = {"server_optimizer", "server_lr", "server_beta_1", "server_beta_2", "server_tau"}
+_SOFTMAX_KEYS = {"temperature", "mix"} | _SERVER_STEP_KEYS
 _FLOWER_KEYS = {
     "fedadam": {"eta", "eta_l", "beta_1", "beta_2", "tau"},
     "fedyogi": {"eta", "eta_l", "beta_1", "beta_2", "tau"},
@@ -144,7 +145,7 @@ def check_strategy_settings(name: str, settings: dict) -> None:
     if name not in STRATEGY_NAMES:
         raise UnknownStrategyError(f"unknown strategy {name!r}{did_you_mean([name], STRATEGY_NAMES)}; choose one of "
                                    f"{', '.join(STRATEGY_NAMES)} (strategy.name in the fl hparams)")
-    allowed = (_SOFTMAX_KEYS if name != "fedavg" else {"server_lr"}) if name in _SOFTMAX else _FLOWER_KEYS[name]
+    allowed = (_SOFTMAX_KEYS if name != "fedavg" else _SERVER_STEP_KEYS) if name in _SOFTMAX else _FLOWER_KEYS[name]
     unknown = sorted(set(settings) - allowed)
     if unknown:
         raise UnknownStrategyError(f"strategy {name!r} does not take setting(s) {unknown}"

@@ -5,8 +5,9 @@ Client k gets the weight
     w_k = mix * softmax(s / T)_k + (1 - mix) * n_k / sum(n)
 
 with s_k = 1 - wer_k ("wer-softmax") or s_k = -loss_k ("loss-softmax"), n_k its number of examples. The new
-global model is  x <- x + server_lr * (sum_k w_k x_k - x).  mix = 1, server_lr = 1 is the published formula;
-mix = 0 is FedAvg. The softmax is computed in float64 and shifted by its maximum, so T = 0.01 with WER near 0
+global model is  x <- x + step(sum_k w_k x_k - x)  with the server optimizer's step (fedasr/fl/strategies/
+server_optimizer.py): sgd, lr * d by default; momentum, adam or yogi keep moments across rounds. mix = 1 with
+sgd at server_lr = 1 is the published formula; mix = 0 is FedAvg. The softmax is computed in float64 and shifted by its maximum, so T = 0.01 with WER near 0
 cannot overflow.
 
 Where wer_k comes from is a setting: the client's own validation slice (reported in its reply, measured in
@@ -29,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedasr.fl.arrays import arrays_to_numpy, numpy_to_arrayrecord, weighted_average
 from fedasr.fl.protocol import LOCAL_WER, NUM_EXAMPLES, REPORT_WER, TRAIN_LOSS
 from fedasr.fl.strategies.base import Dropped, RoundOutcome, RoundStrategy
+from fedasr.fl.strategies.server_optimizer import ServerOptimizer
 from fedasr.fl.strategies.replies import (
     aggregate_train_metrics, array_spec, partition_of, reply_arrays, reply_metrics,
 )
@@ -93,8 +95,9 @@ class MetricSoftmax(RoundStrategy, FedAvg):
     """FedAvg whose client weights come from a softmax over a per-client metric (see module docstring).
 
     Parameters beyond FedAvg's: ``score`` in {"wer", "loss", "examples"}, ``temperature`` T, ``mix`` (share of
-    the softmax against the FedAvg weights), ``server_lr``, and ``score_fn`` (ArrayRecord -> WER fraction,
-    evaluated on the server) for ``score="wer"`` measured server-side.
+    the softmax against the FedAvg weights), the server optimizer (``server_optimizer`` sgd | momentum | adam | yogi,
+    ``server_lr``, ``server_beta_1``, ``server_beta_2``, ``server_tau``), and ``score_fn`` (ArrayRecord -> WER
+    fraction, evaluated on the server) for ``score="wer"`` measured server-side.
     """
 
     def __init__(
@@ -103,7 +106,11 @@ class MetricSoftmax(RoundStrategy, FedAvg):
         score: str = "wer",
         temperature: float = 1.0,
         mix: float = 1.0,
+        server_optimizer: str = "sgd",
         server_lr: float = 1.0,
+        server_beta_1: float = 0.9,
+        server_beta_2: float = 0.99,
+        server_tau: float = 1e-3,
         score_fn: Callable[[ArrayRecord], float] | None = None,
         **fedavg_kwargs,
     ) -> None:
@@ -113,15 +120,14 @@ class MetricSoftmax(RoundStrategy, FedAvg):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0.0 <= mix <= 1.0:
             raise ValueError(f"mix must lie in [0, 1], got {mix}")
-        if server_lr <= 0:
-            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.server_optimizer = ServerOptimizer(server_optimizer, lr=server_lr, beta_1=server_beta_1,
+                                                beta_2=server_beta_2, tau=server_tau)
         fedavg_kwargs.setdefault("train_metrics_aggr_fn", aggregate_train_metrics)
         fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**fedavg_kwargs)
         self.score = score
         self.temperature = float(temperature)
         self.mix = float(mix)
-        self.server_lr = float(server_lr)
         self.score_fn = score_fn
         self.current_arrays: dict[str, np.ndarray] | None = None  # the round's global arrays (configure_train)
 
@@ -136,8 +142,8 @@ class MetricSoftmax(RoundStrategy, FedAvg):
 
     def summary(self) -> None:
         log.info(
-            "MetricSoftmax: score=%s T=%g mix=%g server_lr=%g wer measured on %s",
-            self.score, self.temperature, self.mix, self.server_lr,
+            "MetricSoftmax: score=%s T=%g mix=%g server optimizer %s at lr %g, wer measured on %s",
+            self.score, self.temperature, self.mix, self.server_optimizer.name, self.server_optimizer.lr,
             "the server subset" if self.score_fn else "client slices",
         )
         super().summary()
@@ -156,7 +162,7 @@ class MetricSoftmax(RoundStrategy, FedAvg):
         # Streamed: each reply's arrays are converted one at a time inside the sum (memory O(model), not O(K x model)).
         averaged = weighted_average((reply_arrays(m) for m in weighed.replies), weighed.weights)
         return RoundOutcome(
-            arrays=numpy_to_arrayrecord(self.apply_server_lr(averaged)),
+            arrays=numpy_to_arrayrecord(self.apply_server_step(averaged)),
             metrics=self.round_metrics(weighed.replies, weighed.weights, dropped=len(dropped)),
             clients=weighed.clients, weights=weighed.by_client(), dropped=dropped,
         )
@@ -181,9 +187,19 @@ class MetricSoftmax(RoundStrategy, FedAvg):
         metrics["dropped-clients"] = dropped
         return metrics
 
+    def state_dict(self) -> dict:
+        """The server optimizer's moments (none for sgd: the state is empty, as before the setting existed)."""
+        return {} if self.server_optimizer.name == "sgd" else {"server_optimizer": self.server_optimizer.state_dict()}
+
     def load_state_dict(self, state: dict) -> None:
-        """Nothing to restore; ``current_arrays``, which older checkpoints hold, is set again by every round."""
-        super().load_state_dict({k: v for k, v in state.items() if k != "current_arrays"})
+        """The server optimizer's moments; ``current_arrays``, which older checkpoints hold, is set again by every
+        round."""
+        state = {k: v for k, v in state.items() if k != "current_arrays"}
+        if "server_optimizer" in state:
+            self.server_optimizer.load_state_dict(state.pop("server_optimizer"))
+        elif self.server_optimizer.name != "sgd":
+            raise ValueError(f"the checkpoint holds no moments for server optimizer {self.server_optimizer.name!r}")
+        super().load_state_dict(state)
 
     def _score(self, message: Message) -> float:
         if self.score == "wer" and self.score_fn is not None and self.mix > 0:
@@ -192,12 +208,8 @@ class MetricSoftmax(RoundStrategy, FedAvg):
             return 0.0
         return client_score(self.score, reply_metrics(message))
 
-    def apply_server_lr(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self.server_lr == 1.0 or self.current_arrays is None:
+    def apply_server_step(self, averaged: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The new global arrays: the server optimizer's step from this round's global model towards ``averaged``."""
+        if self.current_arrays is None:  # aggregate_train called without configure_train (tests)
             return averaged
-        updated = {}
-        for key in list(averaged):
-            value = averaged.pop(key)  # one key at a time: no second full copy of the model
-            current = self.current_arrays[key].astype(np.float64)
-            updated[key] = (current + self.server_lr * (value.astype(np.float64) - current)).astype(value.dtype)
-        return updated
+        return self.server_optimizer.step(self.current_arrays, averaged)

@@ -567,6 +567,7 @@ def resolve_fl_settings(layout: Layout, mode: str):
     fitted, partition_notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
     if fitted:
         config, notes = fl_settings(layout.config, name, fitted)
+    config.evaluation.test_seed = False  # the seed is the warm-up stage's model: its test WER is in that stage's result
     return config, notes + partition_notes + give_server_its_data(config, layout.partition(mode) / "warmup" / "train.csv")
 
 

@@ -49,6 +49,7 @@ class Evaluation:
     decoding: str = "greedy"  # decoding of the per-round dev evaluation
     dev_max_utterances: int | None = None  # None: the whole dev set every round
     test_every: int = 0  # 0: test WER at the end only
+    test_seed: bool = True  # test WER of the seed too (round 0); a pipeline has it from its warm-up stage already
     test_decoding: str = "beam"
     server_wer_utterances: int = 100  # size of the fixed server-held subset scoring each client (wer_source=server)
 

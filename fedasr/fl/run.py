@@ -53,6 +53,7 @@ class FederatedRun:
         cfg.pop("device")  # where it computes, not what: a run started on the CPU may continue on a GPU
         if cfg.get("precision") == "fp32":
             cfg.pop("precision")  # the default leaves the fingerprint of runs checkpointed before the setting existed
+        cfg["evaluation"].pop("test_seed", None)  # whether round 0 is tested: reporting, not the experiment
         if cfg.get("strategy", {}).get("server_optimizer") == "sgd":
             cfg["strategy"].pop("server_optimizer")  # the default: as for precision
         if not cfg.get("server_training", {}).get("epochs"):

@@ -138,7 +138,7 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
         torch.manual_seed(run.config.seed)
         row = MetricsRow(round=0, lr=annealer.lr, next_lr=annealer.lr, clients=[], dropped=[], failed=[],
                          round_skipped=False)
-        row.update(dev_and_test(run, evaluator, arrays, 0, force_test=True))
+        row.update(dev_and_test(run, evaluator, arrays, 0, force_test=run.config.evaluation.test_seed))
         history.append(row)
         # The seed competes for the best model: rounds that never beat its dev WER leave best_model.pt = the seed.
         save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])

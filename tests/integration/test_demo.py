@@ -77,6 +77,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path: Path):
         assert int(table[mode]["rounds"]) == 2 and int(table[mode]["bytes_sent"]) > 0
         assert (runs[mode] / "train_log.txt").read_text().count("round:") == 3
         assert (runs[mode] / "eval" / "hyps.tsv").exists()
+        assert "test_wer" not in rows[0] and "test_wer" in rows[-1]  # the seed's is the warm-up stage's result
     assert int(table["cross-device"]["clients_per_round"]) == 2
     for setting in SETTINGS:  # speaker-bootstrap intervals around the WER of each run's own hypotheses
         low, high = map(float, table[setting]["test_wer_ci95"].split(";"))

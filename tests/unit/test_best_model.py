@@ -44,6 +44,18 @@ def test_rounds_that_never_beat_the_seed_leave_the_seed_as_best_model(tmp_path, 
     assert summary["best_test_wer"] == rows[0]["test_wer"] != summary["final_test_wer"]
 
 
+def test_without_the_seeds_test_decode_a_seed_chosen_by_dev_wer_still_gets_its_test_wer(tmp_path, fake_clients):
+    """evaluation.test_seed: false (what the pipeline sets: its warm-up stage reports the seed) skips round 0's test
+    decode only; the seed's test WER is decoded when it is the best model."""
+    run = make_run(tmp_path, rounds=2)
+    run.config.evaluation.test_seed = False
+    summary = run_server(scripted_grid({1: 50.0, 2: 60.0}), run, FakeASR())
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "test_wer" not in rows[0] and "test_wer" in rows[-1]
+    with_seed_test = run_server(scripted_grid({1: 50.0, 2: 60.0}), make_run(tmp_path / "tested", rounds=2), FakeASR())
+    assert summary["best_round"] == 0 and summary["best_test_wer"] == with_seed_test["best_test_wer"]
+
+
 def test_the_test_wer_reported_is_the_best_dev_rounds_even_when_it_was_not_tested(tmp_path, fake_clients):
     summary = run_server(scripted_grid({1: 0.0, 2: 40.0}), make_run(tmp_path, rounds=2), FakeASR())
     assert summary["best_round"] == 1 and summary["best_dev_wer"] == 0.0

@@ -36,6 +36,7 @@ class ServerState:
     best_wer: float = float("inf")
     best_round: int = 0
     fingerprint: dict = field(default_factory=dict)  # settings that must not change across a resume
+    average: dict = field(default_factory=dict)  # the evaluated moving average of the global models (ema_decay > 0)
 
 
 def checkpoint_path(output_dir: str | Path) -> Path:

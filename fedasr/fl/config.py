@@ -50,6 +50,7 @@ class Evaluation:
     dev_max_utterances: int | None = None  # None: the whole dev set every round
     test_every: int = 0  # 0: test WER at the end only
     test_seed: bool = True  # test WER of the seed too (round 0); a pipeline has it from its warm-up stage already
+    ema_decay: float = 0.0  # > 0: evaluate and hand back an EMA of the global models (fedasr/fl/model_average.py)
     test_decoding: str = "beam"
     server_wer_utterances: int = 100  # size of the fixed server-held subset scoring each client (wer_source=server)
 
@@ -223,6 +224,8 @@ def validate(config: FLConfig, source: str = "<config>") -> None:
     for key in ("rounds", "local_epochs", "batch_size", "client_threads"):
         if int(getattr(config, key)) < 1:
             fail(f"{key} must be >= 1, got {getattr(config, key)}")
+    if not 0.0 <= config.evaluation.ema_decay < 1.0:
+        fail(f"evaluation.ema_decay must lie in [0, 1) (0: the global model itself), got {config.evaluation.ema_decay}")
     if config.lr <= 0:
         fail(f"lr must be > 0, got {config.lr}")
     opt = config.client_optimizer

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord
 
 from fedasr.fl.arrays import decode_replies, message_array_bytes
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsRow, train_columns
+from fedasr.fl.model_average import GlobalModelAverage
 from fedasr.fl.privacy import privacy_round_report
 from fedasr.fl.protocol import sampling_seed, server_training_seed
 from fedasr.fl.sampling import ClientSlotGrid, SortedNodeGrid, assign_partitions
@@ -27,9 +28,10 @@ from fedasr.fl.strategies.replies import array_spec, missing_replies, usable_rep
 log = logging.getLogger(__name__)
 
 
-def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, annealer, evaluator
-                ) -> tuple[ArrayRecord, MetricsRow]:
-    """Train, aggregate and evaluate one round; returns (the global arrays after it, its metrics row)."""
+def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, annealer, evaluator,
+                average: GlobalModelAverage) -> tuple[ArrayRecord, MetricsRow]:
+    """Train, aggregate and evaluate one round; returns (the global arrays after it, its metrics row). The model
+    evaluated is ``average``'s (the global model itself unless evaluation.ema_decay > 0): ``average.current``."""
     cfg = run.config
     lr = annealer.lr
     started = time.perf_counter()
@@ -81,7 +83,7 @@ def train_round(grid, run, server_round: int, arrays: ArrayRecord, strategy, ann
     row.update(outcome.report)
     if server_trained is not None:
         row.update(server_train_loss=server_trained.train_loss, server_train_examples=server_trained.num_examples)
-    row.update(dev_and_test(run, evaluator, arrays, server_round))
+    row.update(dev_and_test(run, evaluator, average.current if skipped else average.update(arrays), server_round))
     # A skipped round did not train: its unchanged dev WER must not count as "no improvement" for annealing.
     row["next_lr"] = annealer.lr if skipped else annealer.step(row["dev_wer"])[1]
     row["seconds"] = {"send_receive": received - started, "aggregate": aggregated - received,

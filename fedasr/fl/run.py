@@ -54,6 +54,8 @@ class FederatedRun:
         if cfg.get("precision") == "fp32":
             cfg.pop("precision")  # the default leaves the fingerprint of runs checkpointed before the setting existed
         cfg["evaluation"].pop("test_seed", None)  # whether round 0 is tested: reporting, not the experiment
+        if not cfg["evaluation"].get("ema_decay"):
+            cfg["evaluation"].pop("ema_decay", None)  # off: as for precision
         if cfg.get("strategy", {}).get("server_optimizer") == "sgd":
             cfg["strategy"].pop("server_optimizer")  # the default: as for precision
         if not cfg.get("server_training", {}).get("epochs"):

@@ -34,6 +34,7 @@ from fedasr.fl.checkpoint import (
 from fedasr.fl.config import strategy_name_and_settings
 from fedasr.fl.evaluator import GlobalModelEvaluator, load_system
 from fedasr.fl.metrics_log import METRICS_FILE, MetricsLog, MetricsRow
+from fedasr.fl.model_average import GlobalModelAverage
 from fedasr.fl.privacy import with_privacy
 from fedasr.fl.round import dev_and_test, stop_after_failed_rounds, train_round
 from fedasr.fl.run import FederatedRun, run_from_run_config
@@ -91,22 +92,23 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
                             seed=cfg.seed, server_lr=float(settings.get("server_lr", 1.0)))
     annealer = ClientLRAnnealer(cfg.lr, **vars(cfg.annealing))
     history = MetricsLog(out / METRICS_FILE)
-    arrays, start_round, best = _start_or_resume(run, evaluator, strategy, annealer, history)
+    arrays, start_round, best, average = _start_or_resume(run, evaluator, strategy, annealer, history)
 
     last_round = cfg.rounds if not run.stop_after_round else min(cfg.rounds, run.stop_after_round)
     with RoundLogs(out, history.rows, rounds=cfg.rounds) as round_logs:  # the seed's line, TensorBoard from round 0
         for server_round in range(start_round + 1, last_round + 1):
-            arrays, row = train_round(grid, run, server_round, arrays, strategy, annealer, evaluator)
+            arrays, row = train_round(grid, run, server_round, arrays, strategy, annealer, evaluator, average)
             if row["dev_wer"] < best["wer"]:
                 best = {"wer": row["dev_wer"], "round": server_round}
-                save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(arrays), server_round, row["dev_wer"])
+                save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(average.current), server_round,
+                                row["dev_wer"])
             row["best_dev_wer"], row["best_round"] = best["wer"], best["round"]
             history.append(row)
             round_logs.write(history.rows)  # train_log.txt + this round's TensorBoard events (step = round)
             save_server_state(out, ServerState(
                 round=server_round, arrays=arrays_to_numpy(arrays), strategy=strategy.state_dict(),
                 annealer=annealer.state_dict(), rng=capture_rng_state(), best_wer=best["wer"], best_round=best["round"],
-                fingerprint=run.fingerprint(),
+                fingerprint=run.fingerprint(), average=average.state_dict(),
             ))
             round_logs.announce(row)  # the round's one console line (+ progress bar on a terminal)
             stop_after_failed_rounds(history.rows, cfg, out)
@@ -115,7 +117,8 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
     summary = {"rounds_done": max(last_round, start_round), "finished": finished, "best_dev_wer": best["wer"],
                "best_round": best["round"], "history": history.rows, "output_dir": str(out)}
     if finished:
-        save_model_file(out / FINAL_MODEL_FILE, evaluator.full_state(arrays), cfg.rounds, history.rows[-1]["dev_wer"])
+        save_model_file(out / FINAL_MODEL_FILE, evaluator.full_state(average.current), cfg.rounds,
+                        history.rows[-1]["dev_wer"])
         summary["final_dev_wer"] = history.rows[-1]["dev_wer"]
         summary["final_test_wer"] = history.rows[-1].get("test_wer")
         summary["seed_dev_wer"] = history.rows[0]["dev_wer"]
@@ -126,8 +129,11 @@ def run_server(grid: Grid, run: FederatedRun, system=None, *, check_output: bool
     return summary
 
 
-def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[ArrayRecord, int, dict]:
+def _start_or_resume(run, evaluator, strategy, annealer, history
+                     ) -> tuple[ArrayRecord, int, dict, GlobalModelAverage]:
+    """(global arrays, last round done, best so far, the evaluated model's average) of a fresh or resumed run."""
     out = Path(run.output_dir)
+    decay = run.config.evaluation.ema_decay
     state = load_server_state(out)
     if state is None:
         if history.path.exists():
@@ -142,14 +148,16 @@ def _start_or_resume(run, evaluator, strategy, annealer, history) -> tuple[Array
         history.append(row)
         # The seed competes for the best model: rounds that never beat its dev WER leave best_model.pt = the seed.
         save_model_file(out / BEST_MODEL_FILE, evaluator.full_state(arrays), 0, row["dev_wer"])
-        return arrays, 0, {"wer": row["dev_wer"], "round": 0}
+        return arrays, 0, {"wer": row["dev_wer"], "round": 0}, GlobalModelAverage(decay, arrays)
     refuse_unless_resumable(run, state)
     restore_strategy_state(strategy, state, checkpoint_path(out))
     annealer.load_state_dict(state.annealer)
     restore_rng_state(state.rng)
     history.truncate(state.round)
     log.info("resuming after round %d (best dev WER %.4f @ %d)", state.round, state.best_wer, state.best_round)
-    return numpy_to_arrayrecord(state.arrays), state.round, {"wer": state.best_wer, "round": state.best_round}
+    arrays = numpy_to_arrayrecord(state.arrays)
+    return (arrays, state.round, {"wer": state.best_wer, "round": state.best_round},
+            GlobalModelAverage(decay, arrays, state.average))
 
 
 def refuse_unless_resumable(run: FederatedRun, state: ServerState | None) -> None:

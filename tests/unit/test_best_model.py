@@ -56,6 +56,32 @@ def test_without_the_seeds_test_decode_a_seed_chosen_by_dev_wer_still_gets_its_t
     assert summary["best_round"] == 0 and summary["best_test_wer"] == with_seed_test["best_test_wer"]
 
 
+def test_with_ema_decay_the_server_evaluates_and_keeps_the_average_while_clients_train_the_global_model(
+        tmp_path, fake_clients):
+    """evaluation.ema_decay d: after each round avg <- d * avg + (1 - d) * x, from the seed; dev WER, best and final
+    model are avg's, the clients receive x."""
+    received = []
+
+    def train(arrays, config, pid):
+        values = arrays_to_numpy(arrays)
+        received.append(values["linear.weight"].copy())
+        values["linear.weight"] = TARGET.numpy() + float(config["server-round"])  # x_1 = TARGET + 1, x_2 = TARGET + 2
+        return numpy_to_arrayrecord(values), MetricRecord({"num-examples": 10, "train-loss": 1.0, "partition-id": pid})
+
+    seed = FakeASR().state_dict()["linear.weight"].numpy()
+    run = make_run(tmp_path, rounds=2)
+    run.config.evaluation.ema_decay = 0.5
+    summary = run_server(FakeGrid(2, train), run, FakeASR())
+    average = 0.25 * seed + 0.25 * (TARGET.numpy() + 1) + 0.5 * (TARGET.numpy() + 2)
+    final = torch.load(tmp_path / "final_model.pt")["state_dict"]["linear.weight"].numpy()
+    assert abs(final - average).max() < 1e-5
+    assert all(abs(r - (TARGET.numpy() + 1)).max() < 1e-6 for r in received[2:])  # round 2 started from x_1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    fake = FakeASR()
+    fake.load_state_dict({**fake.state_dict(), "linear.weight": torch.from_numpy(average)})
+    assert rows[2]["dev_wer"] == summary["final_dev_wer"] == fake.evaluate("dev.csv").wer
+
+
 def test_the_test_wer_reported_is_the_best_dev_rounds_even_when_it_was_not_tested(tmp_path, fake_clients):
     summary = run_server(scripted_grid({1: 0.0, 2: 40.0}), make_run(tmp_path, rounds=2), FakeASR())
     assert summary["best_round"] == 1 and summary["best_dev_wer"] == 0.0

@@ -95,19 +95,22 @@ def test_flower_optimizer_state_round_trips(name, tmp_path):
 @pytest.mark.parametrize("strategy,clients_per_round", [({"name": "wer-softmax", "temperature": 0.05}, 4),
                                                          ({"name": "fedadam", "eta": 0.05}, None),
                                                          ({"name": "wer-softmax", "server_optimizer": "adam",
-                                                           "server_lr": 0.05}, 4)])
+                                                           "server_lr": 0.05}, 4),
+                                                         ({"name": "fedavg", "ema": 0.6}, 4)])
 def test_killed_run_resumed_matches_uninterrupted_run(tmp_path, fake_clients, strategy, clients_per_round):
     full_dir, split_dir = tmp_path / "full", tmp_path / "split"
+    strategy = dict(strategy)
+    ema = {"evaluation": {"ema_decay": strategy.pop("ema")}} if "ema" in strategy else {}
     full_grid = fake_grid()
-    full = run_server(full_grid, make_run(full_dir, strategy=strategy, clients_per_round=clients_per_round), FakeASR())
+    full = run_server(full_grid, make_run(full_dir, strategy=strategy, clients_per_round=clients_per_round, **ema), FakeASR())
 
     first_grid = fake_grid()
     partial = run_server(first_grid, make_run(split_dir, strategy=strategy, clients_per_round=clients_per_round,
-                                              stop_after_round=2), FakeASR())
+                                              stop_after_round=2, **ema), FakeASR())
     assert not partial["finished"] and load_server_state(split_dir).round == 2
     second_grid = fake_grid()
     resumed = run_server(second_grid, make_run(split_dir, strategy=strategy, clients_per_round=clients_per_round,
-                                               resume=True), FakeASR())
+                                               resume=True, **ema), FakeASR())
 
     assert resumed["finished"] and full["finished"]
     assert rows_without_timings(split_dir) == rows_without_timings(full_dir)

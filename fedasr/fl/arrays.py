@@ -119,6 +119,20 @@ def weighted_average(inputs: Iterable[Mapping[str, np.ndarray | Array]], weights
     return {key: totals.pop(key).astype(dtypes[key]) for key in list(totals)}  # each buffer freed once cast
 
 
+def combine_floating(base: Mapping[str, np.ndarray], new: dict[str, np.ndarray], combine) -> dict[str, np.ndarray]:
+    """{key: combine(key, base[key], new[key])} computed in float64 and cast back to ``new``'s dtype, for the
+    floating-point arrays; the others (counters) as they are in ``new``. ``new`` is consumed key by key, so no
+    second full copy of a model is held. The server's step (strategies/server_optimizer.py) and the moving average
+    of the global models (model_average.py) are both such a combination."""
+    combined = {}
+    for key in list(new):
+        value = new.pop(key)
+        if np.issubdtype(value.dtype, np.floating):
+            value = combine(key, base[key].astype(np.float64), value.astype(np.float64)).astype(value.dtype)
+        combined[key] = value
+    return combined
+
+
 def _as_numpy(value: np.ndarray | Array) -> np.ndarray:
     return value if isinstance(value, np.ndarray) else value.numpy()
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedasr.fl.arrays import combine_floating
+
 SERVER_OPTIMIZERS = ("sgd", "momentum", "adam", "yogi")
 
 
@@ -50,15 +52,7 @@ class ServerOptimizer:
         average as it is."""
         if self.is_identity:
             return averaged
-        updated = {}
-        for key in list(averaged):
-            value = averaged.pop(key)
-            if not np.issubdtype(value.dtype, np.floating):
-                updated[key] = value
-                continue
-            x = current[key].astype(np.float64)
-            updated[key] = (x + self._step_of(key, value.astype(np.float64) - x)).astype(value.dtype)
-        return updated
+        return combine_floating(current, averaged, lambda key, x, a: x + self._step_of(key, a - x))
 
     def _step_of(self, key: str, delta: np.ndarray) -> np.ndarray:
         if self.name == "sgd":

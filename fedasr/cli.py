@@ -21,6 +21,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lang", default="fr", help="sentence language: fr (default) or en")
     p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: the demo size)")
     p.add_argument("--utterances-per-speaker", type=int, default=None, help="clips per speaker")
+    p.add_argument("--eval-speakers", type=int, default=None,
+                   help="speakers in dev and in test each (default: about 15 %% of --speakers each)")
+    p.add_argument("--eval-utterances-per-speaker", type=int, default=None,
+                   help="clips per dev and test speaker (default: --utterances-per-speaker): more voices in a test "
+                   "set of the same size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=None, help="parallel espeak-ng/mp3 workers (default: all cores)")
     acoustic = p.add_argument_group(
@@ -46,6 +51,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
             lang=args.lang,
             speakers=args.speakers,
             utterances_per_speaker=args.utterances_per_speaker,
+            eval_speakers=args.eval_speakers,
+            eval_utterances_per_speaker=args.eval_utterances_per_speaker,
             seed=args.seed,
             workers=args.workers,
             acoustics=args.acoustics,

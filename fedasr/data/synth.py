@@ -7,7 +7,9 @@ The output has the exact layout of a Common Voice release of one locale::
 
 with the current Common Voice header (:data:`TSV_COLUMNS`). One speaker is one espeak-ng voice: a base voice of
 the language (its accent), a variant (m1..m7, f1..f5: its gender), a pitch and a speed, all drawn from the seed.
-Speakers are disjoint across train/dev/test (about 70/15/15 %), as in Common Voice. Sentences come from the
+Speakers are disjoint across train/dev/test (about 70/15/15 %, or ``eval_speakers`` each for dev and test), as in
+Common Voice; dev and test speakers may read fewer clips each (``eval_utterances_per_speaker``), so a test set of
+the same size spans more voices and its WER depends less on which few speakers it holds. Sentences come from the
 template grammar in ``fedasr/data/sentences/<lang>.txt``; a pool of sentences is shared by the speakers, so one
 sentence is read by several speakers and a dev/test sentence may also be read in train (Common Voice allows
 this too; the speakers never overlap).
@@ -218,16 +220,23 @@ def sentence_pool(grammar: Grammar, size: int, seed: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- speakers
 
 
-def split_sizes(n_speakers: int) -> dict[str, int]:
-    """Speakers per split: about 15 % dev, 15 % test (at least one each), the rest train."""
+def split_sizes(n_speakers: int, eval_speakers: int | None = None) -> dict[str, int]:
+    """Speakers per split: about 15 % dev, 15 % test (at least one each), or ``eval_speakers`` each; the rest train."""
     if n_speakers < 3:
         raise SynthError(f"speakers={n_speakers}: need at least 3 speakers (one each for train, dev and test)")
+    if eval_speakers is not None:
+        if eval_speakers < 1 or n_speakers - 2 * eval_speakers < 1:
+            raise SynthError(f"eval_speakers={eval_speakers}: dev and test take that many speakers each, so it must "
+                             f"lie in [1, {(n_speakers - 1) // 2}] with speakers={n_speakers} (at least one train "
+                             "speaker); ask for more speakers or fewer eval_speakers")
+        return {"train": n_speakers - 2 * eval_speakers, "dev": eval_speakers, "test": eval_speakers}
     dev = max(1, round(SPLIT_FRACTIONS["dev"] * n_speakers))
     test = max(1, round(SPLIT_FRACTIONS["test"] * n_speakers))
     return {"train": n_speakers - dev - test, "dev": dev, "test": test}
 
 
-def make_speakers(lang: str, n_speakers: int, seed: int, acoustics: Acoustics | None = None) -> list[Speaker]:
+def make_speakers(lang: str, n_speakers: int, seed: int, acoustics: Acoustics | None = None,
+                  eval_speakers: int | None = None) -> list[Speaker]:
     """Draw the speakers' voices and metadata from the seed; splits are assigned over a seeded shuffle.
 
     ``acoustics`` (default: the clean corpus) gives the ranges of the per-speaker noise level, speed factor and RT60.
@@ -236,7 +245,7 @@ def make_speakers(lang: str, n_speakers: int, seed: int, acoustics: Acoustics | 
     """
     acoustics = acoustics or Acoustics()
     noise_low, noise_high = acoustics.noise_db_range
-    sizes = split_sizes(n_speakers)
+    sizes = split_sizes(n_speakers, eval_speakers)
     order = list(range(n_speakers))
     random.Random(f"fedasr-synth:{seed}:splits").shuffle(order)
     ranked_splits = ["train"] * sizes["train"] + ["dev"] * sizes["dev"] + ["test"] * sizes["test"]
@@ -368,22 +377,28 @@ def clip_name(lang: str, number: int) -> str:
     return f"common_voice_{lang}_{number}.mp3"
 
 
-def plan_clips(out_dir: Path, lang: str, speakers: list[Speaker], per_speaker: int, seed: int) -> list[ClipJob]:
-    """Which speaker reads which sentence into which file (deterministic for the seed)."""
+def plan_clips(out_dir: Path, lang: str, speakers: list[Speaker], per_speaker: int, seed: int,
+               eval_per_speaker: int | None = None) -> list[ClipJob]:
+    """Which speaker reads which sentence into which file (deterministic for the seed). Train speakers read
+    ``per_speaker`` clips, dev and test speakers ``eval_per_speaker`` (None: as many); clips are numbered in
+    speaker order."""
+    counts = [eval_per_speaker if eval_per_speaker is not None and spk.split != "train" else per_speaker
+              for spk in speakers]
     grammar = load_grammar(lang)
-    wanted = max(per_speaker, math.ceil(len(speakers) * per_speaker / SENTENCE_READINGS))
+    wanted = max(max(counts), math.ceil(sum(counts) / SENTENCE_READINGS))
     pool = sentence_pool(grammar, wanted, seed)
-    if len(pool) < per_speaker:
+    if len(pool) < max(counts):
         raise SynthError(
-            f"utterances_per_speaker={per_speaker}: the {lang} grammar yields only {len(pool)} distinct sentences; "
+            f"utterances_per_speaker={max(counts)}: the {lang} grammar yields only {len(pool)} distinct sentences; "
             "ask for fewer utterances per speaker"
         )
     jobs = []
-    for spk in speakers:
+    first = FIRST_CLIP_NUMBER
+    for spk, count in zip(speakers, counts):
         rng = random.Random(f"fedasr-synth:{seed}:reads:{spk.index}")
-        for k, text in enumerate(rng.sample(pool, per_speaker)):
-            number = FIRST_CLIP_NUMBER + spk.index * per_speaker + k
-            jobs.append(ClipJob(out_dir / "clips" / clip_name(lang, number), text, spk, (seed, spk.index, k)))
+        for k, text in enumerate(rng.sample(pool, count)):
+            jobs.append(ClipJob(out_dir / "clips" / clip_name(lang, first + k), text, spk, (seed, spk.index, k)))
+        first += count
     return jobs
 
 
@@ -467,12 +482,15 @@ def resolve_acoustics(
     return Acoustics(**ranges)
 
 
-def _check_arguments(lang: str, speakers: int, per_speaker: int, workers: int) -> None:
+def _check_arguments(lang: str, speakers: int, per_speaker: int, workers: int, eval_speakers: int | None,
+                     eval_per_speaker: int | None) -> None:
     if lang not in SUPPORTED_LANGUAGES:
         raise SynthError(f"lang={lang!r}: no sentence material; choose one of {list(SUPPORTED_LANGUAGES)}")
     if per_speaker < 1:
         raise SynthError(f"utterances_per_speaker={per_speaker}: must be at least 1")
-    split_sizes(speakers)
+    if eval_per_speaker is not None and eval_per_speaker < 1:
+        raise SynthError(f"eval_utterances_per_speaker={eval_per_speaker}: must be at least 1 (or unset: as train)")
+    split_sizes(speakers, eval_speakers)
     if workers < 1:
         raise SynthError(f"workers={workers}: must be at least 1")
     if shutil.which("espeak-ng") is None:
@@ -485,6 +503,8 @@ def synthesize_corpus(
     lang: str = "fr",
     speakers: int | None = None,
     utterances_per_speaker: int | None = None,
+    eval_speakers: int | None = None,
+    eval_utterances_per_speaker: int | None = None,
     seed: int = 0,
     workers: int | None = None,
     acoustics: str = DEFAULT_ACOUSTICS,
@@ -493,6 +513,9 @@ def synthesize_corpus(
     reverb_rt60_range: tuple[float, float] | list[float] | None = None,
 ) -> dict:
     """Write a Common-Voice-shaped corpus to ``out_dir``; returns a summary dict.
+
+    ``eval_speakers``: speakers in dev and in test each (default: about 15 % of ``speakers`` each);
+    ``eval_utterances_per_speaker``: clips each dev and test speaker reads (default: ``utterances_per_speaker``).
 
     Acoustic variety, per speaker (see the module docstring): ``acoustics`` is a preset, "clean" (default: light
     noise, no speed change, no room) or "hard"; ``noise_db_range`` (dBFS, e.g. (-40, -25)), ``speed_range`` (factor,
@@ -515,10 +538,15 @@ def synthesize_corpus(
     conditions = resolve_acoustics(
         acoustics, noise_db_range=noise_db_range, speed_range=speed_range, reverb_rt60_range=reverb_rt60_range
     )
-    _check_arguments(lang, speakers, per_speaker, workers)
+    eval_speakers = None if eval_speakers is None else int(eval_speakers)
+    eval_per_speaker = None if eval_utterances_per_speaker is None else int(eval_utterances_per_speaker)
+    _check_arguments(lang, speakers, per_speaker, workers, eval_speakers, eval_per_speaker)
     fingerprint = {
         "version": SYNTH_VERSION, "lang": lang, "speakers": speakers, "utterances_per_speaker": per_speaker, "seed": seed,
     }
+    for key, value in (("eval_speakers", eval_speakers), ("eval_utterances_per_speaker", eval_per_speaker)):
+        if value is not None:  # unset: earlier corpora keep their fingerprint
+            fingerprint[key] = value
     if not conditions.is_default:  # the clean corpus keeps its earlier fingerprint: finished folders stay finished
         fingerprint["acoustics"] = conditions.as_dict()
     summary_file = out / "synth_summary.json"
@@ -527,8 +555,8 @@ def synthesize_corpus(
         return {**read_json(summary_file), "seconds": round(time.perf_counter() - started, 3), "skipped": True}
     _refuse_other_corpus(out, fingerprint)
 
-    speaker_list = make_speakers(lang, speakers, seed, conditions)
-    jobs = plan_clips(out, lang, speaker_list, per_speaker, seed)
+    speaker_list = make_speakers(lang, speakers, seed, conditions, eval_speakers)
+    jobs = plan_clips(out, lang, speaker_list, per_speaker, seed, eval_per_speaker)
     (out / "clips").mkdir(parents=True, exist_ok=True)
     log.info("synthesizing %d clips of %d speakers with %d workers -> %s", len(jobs), speakers, workers, out)
     if not conditions.is_default:

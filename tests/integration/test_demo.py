@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "ctc_tiny"
 TINY = {
     "model": MODEL,
-    "corpus.speakers": 12, "corpus.utterances_per_speaker": 8,
+    "corpus.speakers": 12, "corpus.utterances_per_speaker": 8, "corpus.eval_speakers": 2,
+    "corpus.eval_utterances_per_speaker": 6,
     "partition.warmup_speakers": 3, "partition.cross_silo_clients": 2,
     "warmup.number_of_epochs": 2, "warmup.dev_max_utterances": 8, "warmup.test_search": "greedy",
     "central.number_of_epochs": 2, "central.dev_max_utterances": 8, "central.test_search": "greedy",

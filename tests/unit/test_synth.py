@@ -85,6 +85,50 @@ def test_split_sizes_follow_common_voice_shares():
         split_sizes(2)
 
 
+def test_eval_speakers_set_the_dev_and_test_speakers_and_bad_counts_name_the_fix():
+    assert split_sizes(58, eval_speakers=15) == {"train": 28, "dev": 15, "test": 15}
+    assert split_sizes(3, eval_speakers=1) == {"train": 1, "dev": 1, "test": 1}
+    for bad in (0, 3):
+        with pytest.raises(SynthError, match=rf"eval_speakers={bad}: .* lie in \[1, 2\] with speakers=5"):
+            split_sizes(5, eval_speakers=bad)
+    speakers = make_speakers("fr", 20, seed=0, eval_speakers=5)
+    assert sorted(s.split for s in speakers).count("test") == 5
+    assert [s.client_id for s in speakers] == [s.client_id for s in make_speakers("fr", 20, seed=0)]
+
+
+def test_eval_utterances_per_speaker_shorten_dev_and_test_only():
+    speakers = make_speakers("fr", 10, seed=0, eval_speakers=2)
+    same = synth.plan_clips(synth.Path("c"), "fr", speakers, 4, seed=0)
+    assert synth.plan_clips(synth.Path("c"), "fr", speakers, 4, seed=0, eval_per_speaker=4) == same
+    jobs = synth.plan_clips(synth.Path("c"), "fr", speakers, 4, seed=0, eval_per_speaker=2)
+    per_speaker = {}
+    for job in jobs:
+        per_speaker[job.speaker.index] = per_speaker.get(job.speaker.index, 0) + 1
+    assert {s.index: per_speaker[s.index] for s in speakers} == {s.index: 4 if s.split == "train" else 2
+                                                                for s in speakers}
+    names = [job.path.name for job in jobs]
+    assert len(set(names)) == len(jobs) == 6 * 4 + 4 * 2
+    numbers = sorted(int(re.search(r"(\d+)\.mp3", n).group(1)) for n in names)
+    assert numbers == list(range(numbers[0], numbers[0] + len(jobs)))  # one clip number after the other
+    for s in speakers:  # a speaker never reads one sentence twice
+        texts = [job.text for job in jobs if job.speaker.index == s.index]
+        assert len(set(texts)) == len(texts)
+
+
+def test_a_corpus_with_many_short_eval_speakers(tmp_path):
+    summary = synthesize_corpus(tmp_path / "c", speakers=5, utterances_per_speaker=3, eval_speakers=2,
+                                eval_utterances_per_speaker=1, workers=2)
+    assert {split: (s["speakers"], s["clips"]) for split, s in summary["splits"].items()} == {
+        "train": (1, 3), "dev": (2, 2), "test": (2, 2)}
+    for split, clips in (("train", 3), ("dev", 2), ("test", 2)):
+        _, rows = read_tsv(tmp_path / "c" / f"{split}.tsv")
+        assert len(rows) == clips and all((tmp_path / "c" / "clips" / r["path"]).stat().st_size > 0 for r in rows)
+    with pytest.raises(SynthError, match="other settings"):  # the options are part of the corpus's fingerprint
+        synthesize_corpus(tmp_path / "c", speakers=5, utterances_per_speaker=3, eval_speakers=2)
+    with pytest.raises(SynthError, match="eval_utterances_per_speaker=0"):
+        synthesize_corpus(tmp_path / "d", speakers=5, eval_utterances_per_speaker=0)
+
+
 def test_speakers_are_seeded_distinct_and_plausible():
     speakers = make_speakers("fr", 24, seed=0)
     assert make_speakers("fr", 24, seed=0) == speakers
@@ -296,6 +340,9 @@ def test_cli_passes_the_acoustic_options_and_reports_bad_ones(tmp_path, monkeypa
     assert cli_main(argv) == 0
     assert seen["acoustics"] == "hard" and seen["noise_db_range"] == [-35.0, -30.0]
     assert seen["speed_range"] == [0.9, 1.1] and seen["reverb_rt60_range"] is None
+    assert seen["eval_speakers"] is None and seen["eval_utterances_per_speaker"] is None
+    assert cli_main(["synth", str(tmp_path), "--eval-speakers", "15", "--eval-utterances-per-speaker", "8"]) == 0
+    assert seen["eval_speakers"] == 15 and seen["eval_utterances_per_speaker"] == 8
     assert "acoustics per speaker" in capsys.readouterr().out
     monkeypatch.undo()
     assert cli_main(["synth", str(tmp_path), "--noise-db-range", "-25", "-40"]) == 2

@@ -32,7 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedasr.pipeline import DEFAULT_CONFIG, Layout, load_pipeline_config, parse_set_overrides, run_pipeline  # noqa: E402
+from fedasr.pipeline import (  # noqa: E402
+    DEFAULT_CONFIG, Layout, build_pipeline, load_pipeline_config, parse_set_overrides, run_pipeline,
+)
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows  # noqa: E402
 from fedasr.utils.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from fedasr.utils.settings import deep_merge  # noqa: E402
@@ -48,9 +50,23 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name.strip(), parse_set_overrides(pairs.split())
 
 
-def shared_stages_copy(source: Path, target: Path, layout: Layout) -> None:
-    """Copy a finished pipeline folder without its federated runs and report (they are redone with new settings)."""
-    skipped = {layout.run(s).resolve() for s in FL_SETTINGS} | {layout.report.resolve()}
+def shared_stages_copy(source: Path, source_config: dict, target: Path, config: dict, corpus: Path) -> None:
+    """Copy a finished pipeline folder for another setting of the same seed: without its federated runs and report
+    (they are redone with the new settings), and without the warm-up or centralized run when the new setting trains
+    it otherwise (its own settings, the data stages', or, for a centralized run started from the warm-up, the
+    warm-up's differ): the pipeline then trains it afresh."""
+    def own_settings(folder: Path, cfg: dict) -> dict:
+        pipeline = build_pipeline(folder, cfg, corpus=corpus, echo=lambda line: None)
+        return {stage.name: json.dumps(stage.settings, sort_keys=True, default=str) for stage in pipeline.stages}
+
+    before, after = own_settings(source, source_config), own_settings(target, config)
+    same_data = all(before[name] == after[name] for name in ("synth", "prepare", "partition"))
+    kept = {"warmup": same_data and before["warmup"] == after["warmup"]}
+    kept["central"] = (same_data and before["central"] == after["central"]
+                       and ((config["central"] or {}).get("init_from") != "warmup" or kept["warmup"]))
+    layout = Layout(source, source_config)
+    skipped = ({layout.run(s).resolve() for s in FL_SETTINGS} | {layout.report.resolve()}
+               | {layout.run(s).resolve() for s, keep in kept.items() if not keep})
 
     def ignore(folder: str, names: list[str]) -> list[str]:
         return [n for n in names if (Path(folder) / n).resolve() in skipped]
@@ -176,18 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     started = time.perf_counter()
     for seed in args.seeds:
-        first = None
+        first, first_config = None, None
         for name, overrides in settings:
             merged = deep_merge(deep_merge(common, {"seed": seed}), overrides)
             config = load_pipeline_config(args.config, merged)
             folder = out / name / f"seed{seed}"
             if first is not None and not folder.exists():
-                shared_stages_copy(first, folder, Layout(first, config))
+                shared_stages_copy(first, first_config, folder, config, corpus)
             print(f"== {name}, seed {seed} -> {folder}", flush=True)
             run_pipeline(folder, config_file=args.config, overrides=merged, corpus=corpus, stop="cross-device",
                          echo=lambda line: print(f"   {line}", flush=True))
             results.setdefault(name, {"overrides": overrides, "per_seed": {}})["per_seed"][seed] = run_summary(folder, config)
-            first = first or folder
+            first, first_config = (first, first_config) if first is not None else (folder, config)
     for entry in results.values():
         entry["aggregate"] = aggregate(entry["per_seed"])
     table = markdown(results, args.seeds)

@@ -20,6 +20,7 @@ start until compare needs it (output in ``logs/central.log``), beside the warm-u
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import multiprocessing
 import os
@@ -468,12 +469,61 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
         overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
     elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
         overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
+    claim_training_folder(out, setting, training_key(layout, setting, overrides))
     result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
                            run_opts={"precision": layout.config["precision"]})
     save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
     evaluate_run_model(layout, setting)
+
+
+TRAINING_KEY_FILE = "pipeline_training.json"
+
+
+def training_key(layout: Layout, setting: str, overrides: dict) -> dict:
+    """What a warm-up or centralized run was trained from: the experiment YAML, the pipeline's settings for it and a
+    digest of each input file (train/dev/test manifests, the start checkpoint). Paths are left out, so a copied
+    pipeline folder keeps its key."""
+    inputs = {"experiment": experiment_file(layout.config),
+              "train": Path(overrides.get("train_csv") or layout.manifests / "train.csv"),
+              "dev": layout.manifests / "dev.csv", "test": layout.manifests / "test.csv"}
+    if overrides.get("init_from"):
+        inputs["init_from"] = Path(overrides["init_from"])
+    settings = {k: v for k, v in overrides.items() if k not in ("manifest_folder", "output_folder", "train_csv",
+                                                                "init_from")}
+    return {"setting": setting, "settings": json.loads(json.dumps(settings, default=str)),
+            "inputs": {name: content_digest(path) for name, path in inputs.items()}}
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (names and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def claim_training_folder(out: Path, setting: str, key: dict) -> None:
+    """Record what a training stage's folder is trained from, or refuse a folder trained from something else.
+
+    SpeechBrain resumes whatever checkpoints an output folder holds; a pipeline stage whose settings changed
+    (e.g. fewer warm-up epochs) would otherwise continue, or silently keep, the run made with the old ones. A folder
+    with the same key resumes (an interrupted run, or a copy of a finished one); a run of an earlier fedasr without a
+    key resumes if it did not finish."""
+    recorded = out / TRAINING_KEY_FILE
+    if recorded.exists():
+        if read_json(recorded) == key:
+            return
+    elif not (out / "result.json").exists():
+        atomic_write_json(recorded, key)  # a fresh folder, or an interrupted run of an earlier version
+        return
+    raise PipelineError(
+        f"{out}: holds a {setting} run trained with other settings or inputs than this pipeline asks for now "
+        f"({recorded.name if recorded.exists() else 'result.json'} there). Delete that folder to train the "
+        f"{setting} model again with the new settings, or run the pipeline into another folder."
+    )
 
 
 def central_beside_warmup(config: dict) -> bool:

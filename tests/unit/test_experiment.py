@@ -13,7 +13,8 @@ import yaml
 
 from fedasr.utils.settings import deep_merge
 from fedasr.pipeline import (
-    Pipeline, PipelineError, Stage, StageFailed, central_beside_warmup, load_pipeline_config, parse_set_overrides,
+    Layout, Pipeline, PipelineError, Stage, StageFailed, central_beside_warmup, claim_training_folder,
+    load_pipeline_config, parse_set_overrides, training_key,
     run_stages, stage_range,
 )
 from fedasr.experiment import ExperimentPathError, RunId, read_run_id, run_dir, save_run_config
@@ -212,6 +213,51 @@ def test_a_failing_stage_stops_the_child_beside_it(tmp_path):
     with pytest.raises(ProcessLookupError):  # terminated and reaped, not left training for a minute
         os.kill(pid, 0)
     assert not (tmp_path / ".done.a.json").exists() and not (tmp_path / ".done.b.json").exists()
+
+
+def layout_with_manifests(out: Path, train_text: str = "ID,wav\nu1,a.wav\n") -> Layout:
+    config = load_pipeline_config(REPO / "hparams" / "pipeline" / "demo.yaml", {"device": "cpu"})
+    layout = Layout(out, config)
+    layout.manifests.mkdir(parents=True)
+    for split, text in (("train", train_text), ("dev", "ID,wav\nd1,d.wav\n"), ("test", "ID,wav\nt1,t.wav\n")):
+        (layout.manifests / f"{split}.csv").write_text(text)
+    return layout
+
+
+def central_overrides(layout: Layout, epochs: int = 25) -> dict:
+    return {"manifest_folder": str(layout.manifests), "output_folder": str(layout.run("central")), "model": "ctc_tiny",
+            "seed": 1234, "number_of_epochs": epochs}
+
+
+def test_a_training_stage_refuses_a_folder_trained_with_other_settings_or_data(tmp_path):
+    """The pipeline re-runs a stage whose settings changed; SpeechBrain would resume (or keep) the old run in its
+    folder, so the warm-up/central stage records what it trains from and refuses a folder trained otherwise."""
+    layout = layout_with_manifests(tmp_path / "a")
+    key = training_key(layout, "central", central_overrides(layout))
+    copy = layout_with_manifests(tmp_path / "b")  # another folder, the same files: the same key (paths left out)
+    assert training_key(copy, "central", central_overrides(copy)) == key
+    assert training_key(layout, "central", central_overrides(layout, epochs=15)) != key
+    other_data = layout_with_manifests(tmp_path / "c", train_text="ID,wav\nu2,b.wav\n")
+    assert training_key(other_data, "central", central_overrides(other_data)) != key
+
+    out = layout.run("central")
+    claim_training_folder(out, "central", key)  # a fresh folder: claimed
+    claim_training_folder(out, "central", key)  # the same key: resumes
+    (out / "result.json").write_text("{}")
+    claim_training_folder(out, "central", key)  # finished with the same key (a copied folder): kept
+    fewer_epochs = training_key(layout, "central", central_overrides(layout, epochs=15))
+    with pytest.raises(PipelineError, match=rf"{out}: holds a central run trained with other settings .* Delete"):
+        claim_training_folder(out, "central", fewer_epochs)
+
+    older = tmp_path / "older"  # a run of an earlier fedasr, without a key
+    older.mkdir()
+    claim_training_folder(older, "warmup", key)  # unfinished: it resumes, and is claimed
+    assert (older / "pipeline_training.json").exists()
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "result.json").write_text("{}")
+    with pytest.raises(PipelineError, match="result.json there"):  # finished, and the pipeline asks for a new run
+        claim_training_folder(finished, "warmup", key)
 
 
 def test_central_beside_warmup_setting(monkeypatch):

@@ -138,6 +138,18 @@ def markdown(results: dict, seeds: list[int]) -> str:
             f"{cell(t['cross-silo best_test_wer'], True)} | {cell(t['cross-silo last_test_wer'], True)} | "
             f"{cell(t['cross-silo best_ratio'])} | {cell(t['cross-device best_test_wer'], True)} | "
             f"{cell(t['cross-device last_test_wer'], True)} | {cell(t['cross-device best_ratio'])} |")
+    lines += ["", "Per seed (test WER %, best-dev round in brackets): a seed whose centralized run barely trained (a WER far "
+              "above the others') makes its ratios meaningless, and the means with it.", "",
+              "| setting | seed | central | warm-up seed | cross-silo best / last | ratio | cross-device best / last | ratio |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, entry in results.items():
+        for seed, r in entry["per_seed"].items():
+            silo, device = r["cross-silo"], r["cross-device"]
+            lines.append(
+                f"| {name} | {seed} | {100 * r['central_test_wer']:.2f} | {100 * r['seed_test_wer']:.2f} | "
+                f"{100 * silo['best_test_wer']:.2f} ({silo['best_round']}) / {100 * silo['last_test_wer']:.2f} | "
+                f"{silo['best_ratio']:.3f} | {100 * device['best_test_wer']:.2f} ({device['best_round']}) / "
+                f"{100 * device['last_test_wer']:.2f} | {device['best_ratio']:.3f} |")
     lines += ["", "| setting | stage | seconds mean [min, max] |", "|---|---|---|"]
     for name, entry in results.items():
         for stage, stats in entry["aggregate"]["stage_seconds"].items():

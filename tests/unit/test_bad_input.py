@@ -251,7 +251,7 @@ PIPELINE_YAML_CASES = {  # case: (text in hparams/pipeline/demo.yaml, its replac
     "top-level typo": ("\nevaluation:", "\nevalution:", ["['evalution']", "'evalution' -> 'evaluation'"]),
     "nested typo": ("  warmup_speakers: 12 ", "  warmup_speaker: 12 ",
                     ["['partition.warmup_speaker']", "'warmup_speaker' -> 'warmup_speakers'", "valid_fraction"]),
-    "corpus option typo": ("  speakers: 40", "  speakrs: 40", ["['corpus.speakrs']", "'speakrs' -> 'speakers'"]),
+    "corpus option typo": ("  speakers: 58", "  speakrs: 58", ["['corpus.speakrs']", "'speakrs' -> 'speakers'"]),
     "compare option typo": ("  profile: v100", "  profle: v100", ["['compare.profle']", "'profle' -> 'profile'"]),
     "experiment key typo": ("\nwarmup:", "\nwarmup:\n  number_of_epoch: 25",
                             ["['warmup.number_of_epoch']", "'number_of_epoch' -> 'number_of_epochs'", "synth.yaml"]),

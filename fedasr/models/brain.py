@@ -4,7 +4,9 @@ Works for any YAML-defined :class:`fedasr.models.model.AcousticModel`: the Brain
 all structure lives in the model's roles. ``hparams`` passed to the Brain:
 
 * ``tokenizer`` (required), ``valid_search`` / ``test_search`` ("greedy" | "beam" | None: no decoding);
-* optional: ``lr_annealing`` (NewBobScheduler on dev WER), ``train_logger`` (FileTrainLogger),
+* optional: ``lr_annealing`` (NewBobScheduler on dev WER), ``train_logger`` (FileTrainLogger), ``epoch_average``
+  (an :class:`EpochAverage`: the dev decoding, the kept checkpoints and the test see it; training goes on from the
+  model's own weights),
   ``keep_checkpoints``, ``hyps_file`` (per-utterance test hypotheses), ``epoch_counter``,
   ``proximal_mu`` + ``proximal_anchor`` (FedProx: mu/2 * ||w - w_global||^2 added to the training loss; the anchor
   holds a copy of the trainable parameters received from the server, in ``named_parameters`` order).
@@ -52,6 +54,50 @@ def proximal_term(model: torch.nn.Module, anchor: list[torch.Tensor], mu: float)
     return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
+@sb.utils.checkpoints.register_checkpoint_hooks
+class EpochAverage:
+    """Exponential moving average of a model's weights over the epochs of a centralized run (the experiment's
+    ``ema_decay``: the centralized twin of the federated ``evaluation.ema_decay``, which averages the global models
+    of the rounds; bench/RESULTS.md "Session 10").
+
+    After each training epoch ``avg <- d * avg + (1 - d) * x`` (floating-point tensors; the first epoch's weights
+    start it) and the model holds ``avg`` while the dev set is decoded and the checkpoint is saved, so NewBob, the
+    best checkpoint, the test and the exported seed checkpoint are the average's; the next training epoch goes on
+    from ``x``, which the checkpoint keeps beside the average (a resumed run continues exactly)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) when the epochs are averaged, got {decay}")
+        self.model, self.decay = model, float(decay)
+        self.average: dict[str, torch.Tensor] | None = None
+        self.training_weights: dict[str, torch.Tensor] | None = None  # x, while the model holds the average
+
+    def show_average(self) -> None:
+        """Fold the epoch's weights into the average and load the average into the model (x kept aside)."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        if self.average is None:
+            self.average = {k: v.clone() for k, v in weights.items() if v.is_floating_point()}
+        else:
+            for key, value in self.average.items():
+                value.mul_(self.decay).add_(weights[key], alpha=1.0 - self.decay)
+        self.training_weights = weights
+        self.model.load_state_dict({**weights, **self.average})
+
+    def restore_training_weights(self) -> None:
+        if self.training_weights is not None:
+            self.model.load_state_dict(self.training_weights)
+            self.training_weights = None
+
+    @sb.utils.checkpoints.mark_as_saver
+    def _save(self, path) -> None:
+        torch.save({"average": self.average, "training_weights": self.training_weights}, path)
+
+    @sb.utils.checkpoints.mark_as_loader
+    def _load(self, path, end_of_epoch=True) -> None:
+        state = torch.load(path, map_location=next(self.model.parameters()).device)
+        self.average, self.training_weights = state["average"], state["training_weights"]
+
+
 class ASRBrain(sb.Brain):
     """Hooks: compute_forward, compute_objectives, on_stage_start, on_stage_end."""
 
@@ -73,6 +119,11 @@ class ASRBrain(sb.Brain):
     def on_stage_start(self, stage, epoch=None):
         self.current_epoch = epoch
         self.rows = []
+        average = getattr(self.hparams, "epoch_average", None)
+        if average is not None and stage == sb.Stage.TRAIN:
+            average.restore_training_weights()  # after a dev pass or a recovered checkpoint: train on x
+        elif average is not None and stage == sb.Stage.VALID:
+            average.show_average()
 
     def on_stage_end(self, stage, stage_loss, epoch=None):
         stats = {"loss": stage_loss}

@@ -33,10 +33,10 @@ from typing import Sequence
 import speechbrain as sb
 import torch
 
-from fedasr.models.brain import ASRBrain
+from fedasr.models.brain import ASRBrain, EpochAverage
 from fedasr.models.checkpoint import check_checkpoint, check_resume_fits, export_checkpoint, load_model_state
 from fedasr.models.dataio import make_dataset, manifest_sentences
-from fedasr.models.hparams import Experiment, load_experiment
+from fedasr.models.hparams import Experiment, HparamsError, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 from fedasr.report.energy import track_energy
@@ -90,9 +90,15 @@ def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, 
         initial_value=float(hp["lr"]), improvement_threshold=float(hp["improvement_threshold"]),
         annealing_factor=float(hp["annealing_factor"]), patient=int(hp["patient"]),
     )
-    checkpointer = sb.utils.checkpoints.Checkpointer(
-        out_dir / "save", recoverables={"model": model, "epoch_counter": epoch_counter, "lr_annealing": lr_annealing},
-    )
+    recoverables = {"model": model, "epoch_counter": epoch_counter, "lr_annealing": lr_annealing}
+    decay = float(hp.get("ema_decay") or 0.0)
+    if not 0.0 <= decay < 1.0:
+        raise HparamsError(f"{experiment.source}: ema_decay must lie in [0, 1) (0: no averaging), got {decay}; "
+                           "fix it in the YAML or with --ema_decay=D")
+    epoch_average = EpochAverage(model, decay) if decay > 0 else None
+    if epoch_average is not None:
+        recoverables["epoch_average"] = epoch_average
+    checkpointer = sb.utils.checkpoints.Checkpointer(out_dir / "save", recoverables=recoverables)
     brain_hparams = {
         "tokenizer": tokenizer,
         "valid_search": hp["valid_search"],
@@ -105,6 +111,7 @@ def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, 
             StepTensorboardLogger(out_dir / TENSORBOARD_DIR) if tensorboard_available() else None),
         "keep_checkpoints": int(hp["keep_checkpoints"]),
         "hyps_file": str(out_dir / "test_hyps.txt"),
+        "epoch_average": epoch_average,
     }
     return ASRBrain(
         modules={"model": model}, opt_class=hp["opt_class"], hparams=brain_hparams,
@@ -126,7 +133,8 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     experiment = load_experiment(experiment_file, overrides)
     hp = experiment.hparams
     out_dir = Path(hp["output_folder"])
-    check_writable(out_dir, space_for_parameters(hp["modules"].values(), int(hp["keep_checkpoints"]) + 2), what="output_folder")
+    copies = (int(hp["keep_checkpoints"]) + 2) * (3 if float(hp.get("ema_decay") or 0.0) > 0 else 1)  # + average, x
+    check_writable(out_dir, space_for_parameters(hp["modules"].values(), copies), what="output_folder")
     check_resume_fits(out_dir / "save", build_acoustic_model(hp, source=f"{experiment.source} (model {experiment.model_name})"))
     atomic_write_text(out_dir / "hyperparams.yaml", experiment.resolved_yaml)
     seed_everything(int(hp["seed"]))  # again: the tokenizer and the data order come after the model build

@@ -19,7 +19,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="synthesize a small Common-Voice-shaped corpus with espeak-ng voices")
     p.add_argument("out_dir", help="folder to write the corpus to (Common Voice layout: clips/, *.tsv)")
     p.add_argument("--lang", default="fr", help="sentence language: fr (default) or en")
-    p.add_argument("--speakers", type=int, default=None, help="number of speakers (default: 40; the demo's corpus: 58 with --eval-speakers 15 "
+    p.add_argument("--speakers", type=int, default=None,
+                   help="number of speakers (default: 40; the demo's corpus: 58 with --eval-speakers 15 "
                    "--eval-utterances-per-speaker 8)")
     p.add_argument("--utterances-per-speaker", type=int, default=None, help="clips per speaker")
     p.add_argument("--eval-speakers", type=int, default=None,

@@ -65,9 +65,7 @@ class EpochAverage:
     best checkpoint, the test and the exported seed checkpoint are the average's; the next training epoch goes on
     from ``x``, which the checkpoint keeps beside the average (a resumed run continues exactly)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must lie in (0, 1) when the epochs are averaged, got {decay}")
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:  # decay checked with the hparams (train.py)
         self.model, self.decay = model, float(decay)
         self.average: dict[str, torch.Tensor] | None = None
         self.training_weights: dict[str, torch.Tensor] | None = None  # x, while the model holds the average

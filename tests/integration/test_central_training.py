@@ -219,8 +219,6 @@ def test_epoch_average_shows_the_average_for_dev_and_checkpoints_and_trains_on_t
     restored._load(tmp_path / "average.ckpt")
     restored.restore_training_weights()  # what a resumed run does before its next epoch
     assert torch.equal(copy[0].weight, epochs[1]) and torch.allclose(restored.average["0.weight"], torch.full((2, 3), 2.5))
-    with pytest.raises(ValueError, match="ema_decay"):
-        EpochAverage(model, 1.0)
 
 
 @pytest.mark.slow

@@ -34,8 +34,8 @@ def test_wheel_ships_the_yamls_and_runs_the_pipeline_outside_the_repository(tmp_
     where = subprocess.run([sys.executable, "-c", "import fedasr; print(fedasr.__file__)"], cwd=work, env=env,
                            capture_output=True, text=True, timeout=60)
     assert where.stdout.strip().startswith(str(site)), where  # the wheel's copy, not the checkout's
-    small = {"corpus.speakers": 12, "corpus.utterances_per_speaker": 4, "partition.warmup_speakers": 3,
-             "partition.cross_silo_clients": 2}
+    small = {"corpus.speakers": 12, "corpus.utterances_per_speaker": 4, "corpus.eval_speakers": 2,
+             "corpus.eval_utterances_per_speaker": 4, "partition.warmup_speakers": 3, "partition.cross_silo_clients": 2}
     args = [item for key, value in small.items() for item in ("--set", f"{key}={value}")]
     done = subprocess.run([sys.executable, "-m", "fedasr.cli", "demo", "out", "--stop-stage", "partition", *args],
                           cwd=work, env=env, capture_output=True, text=True, timeout=600)

@@ -6,7 +6,7 @@
 #   bench/gpu_smoke.sh --precision bf16 [OUT_DIR]    # the same under autocast (fp16: also gradient scaling)
 #   bench/gpu_smoke.sh --cpu-dry-run [OUT_DIR]       # the plumbing on a CPU: tiny corpus, ctc_tiny, device cpu
 #
-# Stages: synth (the demo corpus: 40 speakers x 20 clips) -> prepare -> partition (2 silos; 4 speaker-clients) ->
+# Stages: synth (40 speakers x 20 clips, the synth default) -> prepare -> partition (2 silos; 4 speaker-clients) ->
 # central (train-central, 1 epoch, on all train speakers: the seed) -> silos (federate cross-silo, 2 silos x 1
 # round, 0.5 GPU each) -> speakers (federate cross-device, 4 speaker-clients x 1 round, 0.25 GPU each) -> test
 # (beam-search decoding of test.csv with the seed). Printed per stage, and written to OUT_DIR/gpu_smoke.json: the

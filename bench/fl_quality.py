@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             run_pipeline(folder, config_file=args.config, overrides=merged, corpus=corpus, stop="cross-device",
                          echo=lambda line: print(f"   {line}", flush=True))
             results.setdefault(name, {"overrides": overrides, "per_seed": {}})["per_seed"][seed] = run_summary(folder, config)
-            first, first_config = (first, first_config) if first is not None else (folder, config)
+            if first is None:
+                first, first_config = folder, config
     for entry in results.values():
         entry["aggregate"] = aggregate(entry["per_seed"])
     table = markdown(results, args.seeds)

@@ -63,7 +63,9 @@ class EpochAverage:
     After each training epoch ``avg <- d * avg + (1 - d) * x`` (floating-point tensors; the first epoch's weights
     start it) and the model holds ``avg`` while the dev set is decoded and the checkpoint is saved, so NewBob, the
     best checkpoint, the test and the exported seed checkpoint are the average's; the next training epoch goes on
-    from ``x``, which the checkpoint keeps beside the average (a resumed run continues exactly)."""
+    from ``x``, which the checkpoint keeps beside the average (a resumed run goes on from ``x`` and folds its next
+    epoch into the recovered average; like any SpeechBrain resume it is not bit-identical, as the augmentation's
+    random state is not checkpointed)."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:  # decay checked with the hparams (train.py)
         self.model, self.decay = model, float(decay)

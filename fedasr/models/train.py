@@ -77,6 +77,15 @@ def start_from_checkpoint(model: torch.nn.Module, checkpoint_dir: str | os.PathL
     logger.info("starting from %s (normaliser statistics frozen)", checkpoint_dir)
 
 
+def epoch_average_decay(experiment: Experiment) -> float:
+    """The experiment's ``ema_decay`` (0: the epochs are not averaged), checked."""
+    decay = float(experiment.hparams.get("ema_decay") or 0.0)
+    if not 0.0 <= decay < 1.0:
+        raise HparamsError(f"{experiment.source}: ema_decay must lie in [0, 1) (0: no averaging), got {decay}; "
+                           "fix it in the YAML or with --ema_decay=D")
+    return decay
+
+
 def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, device: str = "cpu",
                 progressbar: bool = False, run_opts: dict | None = None) -> ASRBrain:
     """The Brain of a centralized run: model, Adam/Adadelta from the YAML, NewBob, Checkpointer, train log.
@@ -91,10 +100,7 @@ def build_brain(experiment: Experiment, tokenizer: Tokenizer, out_dir: Path, *, 
         annealing_factor=float(hp["annealing_factor"]), patient=int(hp["patient"]),
     )
     recoverables = {"model": model, "epoch_counter": epoch_counter, "lr_annealing": lr_annealing}
-    decay = float(hp.get("ema_decay") or 0.0)
-    if not 0.0 <= decay < 1.0:
-        raise HparamsError(f"{experiment.source}: ema_decay must lie in [0, 1) (0: no averaging), got {decay}; "
-                           "fix it in the YAML or with --ema_decay=D")
+    decay = epoch_average_decay(experiment)
     epoch_average = EpochAverage(model, decay) if decay > 0 else None
     if epoch_average is not None:
         recoverables["epoch_average"] = epoch_average
@@ -133,7 +139,7 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
     experiment = load_experiment(experiment_file, overrides)
     hp = experiment.hparams
     out_dir = Path(hp["output_folder"])
-    copies = (int(hp["keep_checkpoints"]) + 2) * (3 if float(hp.get("ema_decay") or 0.0) > 0 else 1)  # + average, x
+    copies = (int(hp["keep_checkpoints"]) + 2) * (3 if epoch_average_decay(experiment) > 0 else 1)  # + average, x
     check_writable(out_dir, space_for_parameters(hp["modules"].values(), copies), what="output_folder")
     check_resume_fits(out_dir / "save", build_acoustic_model(hp, source=f"{experiment.source} (model {experiment.model_name})"))
     atomic_write_text(out_dir / "hyperparams.yaml", experiment.resolved_yaml)

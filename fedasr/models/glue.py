@@ -39,3 +39,28 @@ class Encoder(torch.nn.Module):
         if out.dim() == 4:  # [B, T, C1, C2] -> [B, T, C1 * C2]
             out = out.reshape(out.shape[0], out.shape[1], -1)
         return out
+
+
+def lstm_forget_gate_bias(module: torch.nn.Module, forget_bias: float = 2.0) -> torch.nn.Module:
+    """Start every LSTM inside ``module`` with its forget gates open: forget-gate bias ``forget_bias``, the other
+    gates' biases 0 (PyTorch draws them at random). Returns ``module``; used from a model YAML after the module::
+
+        lstm_init: !apply:fedasr.models.glue.lstm_forget_gate_bias
+            module: !ref <crdnn>
+
+    PyTorch's LSTM adds two bias vectors (``bias_ih`` + ``bias_hh``, gates ordered input, forget, cell, output):
+    each gets half of ``forget_bias``. Why: with PyTorch's default biases one tiny-CRDNN CTC model in seven never
+    left the all-blank plateau (bench/RESULTS.md, "Session 12"); an open forget gate lets the gradient reach back
+    through time from the first steps (Gers et al. 2000; Jozefowicz et al. 2015)."""
+    lstms = [m for m in module.modules() if isinstance(m, torch.nn.LSTM)]
+    if not lstms:
+        raise ValueError(f"lstm_forget_gate_bias: {type(module).__name__} holds no torch.nn.LSTM; remove the line "
+                         "from the model YAML or point it at the module that holds the LSTM.")
+    with torch.no_grad():
+        for lstm in lstms:
+            for name, bias in lstm.named_parameters():
+                if name.startswith("bias_"):
+                    hidden = bias.shape[0] // 4
+                    bias.zero_()
+                    bias[hidden:2 * hidden] = forget_bias / 2
+    return module

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedasr.models.glue import lstm_forget_gate_bias
 from fedasr.models.hparams import HparamsError, compose_yaml, load_experiment, parse_overrides
 from fedasr.models.model import AcousticModel, ModelDefinitionError, build_acoustic_model, count_parameters
 from fedasr.models.normalization import FrozenableInputNormalization
@@ -59,6 +60,38 @@ def test_tiny_models_build_check_and_stay_under_one_million_parameters(model):
     assert acoustic.output_neurons == exp.hparams["vocab_size"]
     assert acoustic.has_decoder == (not model.startswith("ctc"))
     assert any(k.startswith("roles.normalize.") for k in acoustic.state_dict())
+
+
+def forget_and_other_gate_biases(lstm: torch.nn.LSTM) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed (bias_ih + bias_hh) biases of every layer and direction: forget gates, the other three gates."""
+    params = dict(lstm.named_parameters())
+    hidden = lstm.hidden_size
+    sums = [params[name] + params[name.replace("bias_ih", "bias_hh")] for name in params if name.startswith("bias_ih")]
+    total = torch.stack(sums)
+    return total[:, hidden:2 * hidden], torch.cat([total[:, :hidden], total[:, 2 * hidden:]], dim=1)
+
+
+@pytest.mark.parametrize("model", ["crdnn_tiny", "ctc_tiny"])
+def test_tiny_crdnn_models_start_with_open_lstm_forget_gates(model):
+    _, acoustic = build("synth.yaml", f"--model={model}")
+    lstms = [m for m in acoustic.modules() if isinstance(m, torch.nn.LSTM)]
+    assert lstms
+    for lstm in lstms:
+        forget, others = forget_and_other_gate_biases(lstm)
+        assert torch.equal(forget, torch.full_like(forget, 2.0)) and not others.any()
+    for gru in (m for m in acoustic.modules() if isinstance(m, torch.nn.GRU)):  # the decoder keeps PyTorch's init
+        assert all(p.any() for name, p in gru.named_parameters() if name.startswith("bias"))
+
+
+def test_lstm_forget_gate_bias_reaches_every_layer_and_direction_and_names_a_wrong_target():
+    net = torch.nn.Sequential(torch.nn.LSTM(4, 3, num_layers=2, bidirectional=True), torch.nn.Linear(6, 2))
+    weights = [p.clone() for name, p in net.named_parameters() if "bias" not in name]
+    assert lstm_forget_gate_bias(net, forget_bias=1.5) is net
+    forget, others = forget_and_other_gate_biases(net[0])
+    assert forget.shape == (4, 3) and torch.equal(forget, torch.full_like(forget, 1.5)) and not others.any()
+    assert all(torch.equal(a, b) for a, b in zip(weights, (p for name, p in net.named_parameters() if "bias" not in name)))
+    with pytest.raises(ValueError, match="no torch.nn.LSTM.*model YAML"):
+        lstm_forget_gate_bias(torch.nn.GRU(4, 3))
 
 
 @pytest.mark.slow

@@ -64,3 +64,22 @@ def lstm_forget_gate_bias(module: torch.nn.Module, forget_bias: float = 2.0) -> 
                     bias.zero_()
                     bias[hidden:2 * hidden] = forget_bias / 2
     return module
+
+
+def zero_parameters(module: torch.nn.Module) -> torch.nn.Module:
+    """Start ``module`` (an output layer) at zero: weights and biases. Returns ``module``; used from a model YAML::
+
+        ctc_init: !apply:fedasr.models.glue.zero_parameters
+            module: !ref <ctc_lin>
+
+    A zero CTC head starts every output, blank included, equally likely whatever the input; its first steps then
+    fit the encoder's initial (input-dependent) features to the transcripts before any gradient reaches the
+    encoder. With PyTorch's random head, 4 of 10 tiny-CRDNN CTC warm-ups were still on the all-blank plateau after 4
+    epochs (one for good); with a zero head none was (bench/RESULTS.md, "Session 12")."""
+    params = list(module.parameters())
+    if not params:
+        raise ValueError(f"zero_parameters: {type(module).__name__} has no parameters; point it at the output layer.")
+    with torch.no_grad():
+        for param in params:
+            param.zero_()
+    return module

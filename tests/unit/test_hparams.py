@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedasr.models.glue import lstm_forget_gate_bias
+from fedasr.models.glue import lstm_forget_gate_bias, zero_parameters
 from fedasr.models.hparams import HparamsError, compose_yaml, load_experiment, parse_overrides
 from fedasr.models.model import AcousticModel, ModelDefinitionError, build_acoustic_model, count_parameters
 from fedasr.models.normalization import FrozenableInputNormalization
@@ -81,6 +81,20 @@ def test_tiny_crdnn_models_start_with_open_lstm_forget_gates(model):
         assert torch.equal(forget, torch.full_like(forget, 2.0)) and not others.any()
     for gru in (m for m in acoustic.modules() if isinstance(m, torch.nn.GRU)):  # the decoder keeps PyTorch's init
         assert all(p.any() for name, p in gru.named_parameters() if name.startswith("bias"))
+
+
+def test_the_tiny_ctc_model_starts_with_a_zero_ctc_head():
+    _, acoustic = build("synth.yaml", "--model=ctc_tiny")
+    head = list(acoustic.roles["ctc_head"].parameters())
+    assert head and not any(p.any() for p in head)
+    assert all(p.any() for name, p in acoustic.roles["encoder"].named_parameters() if name.endswith("weight"))
+
+
+def test_zero_parameters_zeroes_a_layer_and_names_a_module_without_parameters():
+    layer = torch.nn.Linear(3, 2)
+    assert zero_parameters(layer) is layer and not layer.weight.any() and not layer.bias.any()
+    with pytest.raises(ValueError, match="no parameters; point it at the output layer"):
+        zero_parameters(torch.nn.ReLU())
 
 
 def test_lstm_forget_gate_bias_reaches_every_layer_and_direction_and_names_a_wrong_target():

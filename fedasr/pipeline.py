@@ -462,13 +462,7 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
 
     torch.set_num_threads(int(layout.config["threads"]))  # more threads than free cores multiplies the time
     out = layout.run(setting)
-    overrides = {"manifest_folder": str(layout.manifests), "output_folder": str(out),
-                 "model": layout.config["model"], "seed": int(layout.config["seed"]),
-                 **layout.config["warmup" if setting == "warmup" else "central"]}
-    if setting == "warmup":
-        overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
-    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
-        overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
+    overrides = training_overrides(layout, setting)
     claim_training_folder(out, setting, training_key(layout, setting, overrides))
     result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
                            run_opts={"precision": layout.config["precision"]})
@@ -476,6 +470,19 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
     evaluate_run_model(layout, setting)
+
+
+def training_overrides(layout: Layout, setting: str) -> dict:
+    """The experiment overrides of the warm-up or the centralized run: its section of the pipeline YAML, the
+    manifests, its output folder, model and seed; the warm-up trains on the warm-up speakers only."""
+    overrides = {"manifest_folder": str(layout.manifests), "output_folder": str(layout.run(setting)),
+                 "model": layout.config["model"], "seed": int(layout.config["seed"]),
+                 **layout.config["warmup" if setting == "warmup" else "central"]}
+    if setting == "warmup":
+        overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
+    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
+        overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
+    return overrides
 
 
 TRAINING_KEY_FILE = "pipeline_training.json"
@@ -503,6 +510,13 @@ def content_digest(path: Path) -> str:
         digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def trained_from_current_inputs(layout: Layout, setting: str) -> bool:
+    """Whether the warm-up or centralized run in ``layout`` was trained from what the pipeline would train it from
+    now (its recorded :func:`training_key`); the data stages must have run."""
+    recorded = layout.run(setting) / TRAINING_KEY_FILE
+    return recorded.exists() and read_json(recorded) == training_key(layout, setting, training_overrides(layout, setting))
 
 
 def claim_training_folder(out: Path, setting: str, key: dict) -> None:

@@ -489,18 +489,21 @@ TRAINING_KEY_FILE = "pipeline_training.json"
 
 
 def training_key(layout: Layout, setting: str, overrides: dict) -> dict:
-    """What a warm-up or centralized run was trained from: the experiment YAML, the pipeline's settings for it and a
-    digest of each input file (train/dev/test manifests, the start checkpoint). Paths are left out, so a copied
-    pipeline folder keeps its key."""
-    inputs = {"experiment": experiment_file(layout.config),
-              "train": Path(overrides.get("train_csv") or layout.manifests / "train.csv"),
+    """What a warm-up or centralized run was trained from: the pipeline's settings for it and a digest of each input:
+    the experiment YAML as composed with its model YAML and the files it extends, the train/dev/test manifests, the
+    start checkpoint. Paths are left out, so a copied pipeline folder keeps its key."""
+    from fedasr.models.hparams import compose_yaml
+
+    inputs = {"train": Path(overrides.get("train_csv") or layout.manifests / "train.csv"),
               "dev": layout.manifests / "dev.csv", "test": layout.manifests / "test.csv"}
     if overrides.get("init_from"):
         inputs["init_from"] = Path(overrides["init_from"])
+    composed, _ = compose_yaml(experiment_file(layout.config), model=str(overrides["model"]))
     settings = {k: v for k, v in overrides.items() if k not in ("manifest_folder", "output_folder", "train_csv",
                                                                 "init_from")}
     return {"setting": setting, "settings": json.loads(json.dumps(settings, default=str)),
-            "inputs": {name: content_digest(path) for name, path in inputs.items()}}
+            "inputs": {"experiment": hashlib.sha256(composed.encode()).hexdigest(),
+                       **{name: content_digest(path) for name, path in inputs.items()}}}
 
 
 def content_digest(path: Path) -> str:

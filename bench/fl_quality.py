@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from fedasr.pipeline import (  # noqa: E402
     DEFAULT_CONFIG, Layout, build_pipeline, load_pipeline_config, parse_set_overrides, run_pipeline,
+    trained_from_current_inputs,
 )
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows  # noqa: E402
 from fedasr.utils.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
@@ -50,19 +51,18 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name.strip(), parse_set_overrides(pairs.split())
 
 
-def shared_stages_copy(source: Path, source_config: dict, target: Path, config: dict, corpus: Path) -> None:
+def shared_stages_copy(source: Path, source_config: dict, target: Path, config: dict, corpus: Path) -> list[str]:
     """Copy a finished pipeline folder for another setting of the same seed: without its federated runs and report
-    (they are redone with the new settings), and without the warm-up or centralized run when the new setting trains
-    it otherwise (its own settings, the data stages', or, for a centralized run started from the warm-up, the
-    warm-up's differ): the pipeline then trains it afresh."""
+    (they are redone with the new settings), and without the warm-up or centralized run when the new setting changes
+    its own settings (or, for a centralized run started from the warm-up, the warm-up's). Returns the training runs
+    kept: :func:`drop_runs_trained_on_other_data` checks their inputs once the new setting's data stages ran."""
     def own_settings(folder: Path, cfg: dict) -> dict:
         pipeline = build_pipeline(folder, cfg, corpus=corpus, echo=lambda line: None)
         return {stage.name: json.dumps(stage.settings, sort_keys=True, default=str) for stage in pipeline.stages}
 
     before, after = own_settings(source, source_config), own_settings(target, config)
-    same_data = all(before[name] == after[name] for name in ("synth", "prepare", "partition"))
-    kept = {"warmup": same_data and before["warmup"] == after["warmup"]}
-    kept["central"] = (same_data and before["central"] == after["central"]
+    kept = {"warmup": before["warmup"] == after["warmup"]}
+    kept["central"] = (before["central"] == after["central"]
                        and ((config["central"] or {}).get("init_from") != "warmup" or kept["warmup"]))
     layout = Layout(source, source_config)
     skipped = ({layout.run(s).resolve() for s in FL_SETTINGS} | {layout.report.resolve()}
@@ -72,6 +72,22 @@ def shared_stages_copy(source: Path, source_config: dict, target: Path, config: 
         return [n for n in names if (Path(folder) / n).resolve() in skipped]
 
     shutil.copytree(source, target, ignore=ignore, symlinks=True)
+    return [s for s, keep in kept.items() if keep]
+
+
+def drop_runs_trained_on_other_data(folder: Path, config: dict, kept: list[str]) -> list[str]:
+    """Delete each copied warm-up / centralized run that the setting's own manifests would train otherwise (e.g. a
+    partition setting that picks other warm-up speakers), so the pipeline trains it afresh; a run trained from the
+    same files is kept, and its stage only re-tests it. Returns the runs deleted."""
+    layout = Layout(folder, config)
+    dropped = []
+    for setting in ("warmup", "central"):  # the warm-up first: a central run may start from it
+        starts_from_dropped = (setting == "central" and "warmup" in dropped
+                               and (config["central"] or {}).get("init_from") == "warmup")
+        if setting in kept and (starts_from_dropped or not trained_from_current_inputs(layout, setting)):
+            shutil.rmtree(layout.run(setting))
+            dropped.append(setting)
+    return dropped
 
 
 def run_summary(out: Path, config: dict) -> dict:
@@ -209,9 +225,14 @@ def main(argv: list[str] | None = None) -> int:
             merged = deep_merge(deep_merge(common, {"seed": seed}), overrides)
             config = load_pipeline_config(args.config, merged)
             folder = out / name / f"seed{seed}"
-            if first is not None and not folder.exists():
-                shared_stages_copy(first, first_config, folder, config, corpus)
             print(f"== {name}, seed {seed} -> {folder}", flush=True)
+            if first is not None and not folder.exists():
+                kept = shared_stages_copy(first, first_config, folder, config, corpus)
+                run_pipeline(folder, config_file=args.config, overrides=merged, corpus=corpus, stop="partition",
+                             echo=lambda line: None)
+                dropped = drop_runs_trained_on_other_data(folder, config, kept)
+                print(f"   from {first.parent.name}: kept {sorted(set(kept) - set(dropped)) or 'no'} training runs, "
+                      f"retraining {sorted({'warmup', 'central'} - set(kept) | set(dropped)) or 'none'}", flush=True)
             run_pipeline(folder, config_file=args.config, overrides=merged, corpus=corpus, stop="cross-device",
                          echo=lambda line: print(f"   {line}", flush=True))
             results.setdefault(name, {"overrides": overrides, "per_seed": {}})["per_seed"][seed] = run_summary(folder, config)

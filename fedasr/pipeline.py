@@ -462,13 +462,7 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
 
     torch.set_num_threads(int(layout.config["threads"]))  # more threads than free cores multiplies the time
     out = layout.run(setting)
-    overrides = {"manifest_folder": str(layout.manifests), "output_folder": str(out),
-                 "model": layout.config["model"], "seed": int(layout.config["seed"]),
-                 **layout.config["warmup" if setting == "warmup" else "central"]}
-    if setting == "warmup":
-        overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
-    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
-        overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
+    overrides = training_overrides(layout, setting)
     claim_training_folder(out, setting, training_key(layout, setting, overrides))
     result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
                            run_opts={"precision": layout.config["precision"]})
@@ -478,22 +472,38 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
     evaluate_run_model(layout, setting)
 
 
+def training_overrides(layout: Layout, setting: str) -> dict:
+    """The experiment overrides of the warm-up or the centralized run: its section of the pipeline YAML, the
+    manifests, its output folder, model and seed; the warm-up trains on the warm-up speakers only."""
+    overrides = {"manifest_folder": str(layout.manifests), "output_folder": str(layout.run(setting)),
+                 "model": layout.config["model"], "seed": int(layout.config["seed"]),
+                 **layout.config["warmup" if setting == "warmup" else "central"]}
+    if setting == "warmup":
+        overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
+    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
+        overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
+    return overrides
+
+
 TRAINING_KEY_FILE = "pipeline_training.json"
 
 
 def training_key(layout: Layout, setting: str, overrides: dict) -> dict:
-    """What a warm-up or centralized run was trained from: the experiment YAML, the pipeline's settings for it and a
-    digest of each input file (train/dev/test manifests, the start checkpoint). Paths are left out, so a copied
-    pipeline folder keeps its key."""
-    inputs = {"experiment": experiment_file(layout.config),
-              "train": Path(overrides.get("train_csv") or layout.manifests / "train.csv"),
+    """What a warm-up or centralized run was trained from: the pipeline's settings for it and a digest of each input:
+    the experiment YAML as composed with its model YAML and the files it extends, the train/dev/test manifests, the
+    start checkpoint. Paths are left out, so a copied pipeline folder keeps its key."""
+    from fedasr.models.hparams import compose_yaml
+
+    inputs = {"train": Path(overrides.get("train_csv") or layout.manifests / "train.csv"),
               "dev": layout.manifests / "dev.csv", "test": layout.manifests / "test.csv"}
     if overrides.get("init_from"):
         inputs["init_from"] = Path(overrides["init_from"])
+    composed, _ = compose_yaml(experiment_file(layout.config), model=str(overrides["model"]))
     settings = {k: v for k, v in overrides.items() if k not in ("manifest_folder", "output_folder", "train_csv",
                                                                 "init_from")}
     return {"setting": setting, "settings": json.loads(json.dumps(settings, default=str)),
-            "inputs": {name: content_digest(path) for name, path in inputs.items()}}
+            "inputs": {"experiment": hashlib.sha256(composed.encode()).hexdigest(),
+                       **{name: content_digest(path) for name, path in inputs.items()}}}
 
 
 def content_digest(path: Path) -> str:
@@ -503,6 +513,13 @@ def content_digest(path: Path) -> str:
         digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def trained_from_current_inputs(layout: Layout, setting: str) -> bool:
+    """Whether the warm-up or centralized run in ``layout`` was trained from what the pipeline would train it from
+    now (its recorded :func:`training_key`); the data stages must have run."""
+    recorded = layout.run(setting) / TRAINING_KEY_FILE
+    return recorded.exists() and read_json(recorded) == training_key(layout, setting, training_overrides(layout, setting))
 
 
 def claim_training_folder(out: Path, setting: str, key: dict) -> None:

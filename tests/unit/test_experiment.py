@@ -239,6 +239,12 @@ def test_a_training_stage_refuses_a_folder_trained_with_other_settings_or_data(t
     assert training_key(layout, "central", central_overrides(layout, epochs=15)) != key
     other_data = layout_with_manifests(tmp_path / "c", train_text="ID,wav\nu2,b.wav\n")
     assert training_key(other_data, "central", central_overrides(other_data)) != key
+    model_yaml = tmp_path / "my_model.yaml"  # a model YAML edited in place: same name, other model
+    model_yaml.write_text((REPO / "hparams" / "models" / "ctc_tiny.yaml").read_text())
+    own_model = {**central_overrides(layout), "model": str(model_yaml)}
+    before_edit = training_key(layout, "central", own_model)
+    model_yaml.write_text(model_yaml.read_text().replace("rnn_neurons: 96", "rnn_neurons: 64"))
+    assert training_key(layout, "central", own_model) != before_edit
 
     out = layout.run("central")
     claim_training_folder(out, "central", key)  # a fresh folder: claimed

@@ -3,7 +3,10 @@
 For each setting and seed it runs the staged pipeline (fedasr.pipeline: warm-up, central, cross-silo, cross-device)
 on ONE corpus (synthesized once, or a Common Voice folder given with --corpus), so every run is scored on the same
 test set; the seed changes model initialisation, batch order and client sampling, not the data. A setting is a
-name and pipeline overrides; settings of one seed share its warm-up and central runs (copied, not retrained).
+name and pipeline overrides; the settings of one seed share its warm-up and central runs (copied, not retrained)
+when a setting trains them from the same settings and files: a partition setting that leaves the warm-up speakers
+as they were (e.g. `partition.skew=accent`) keeps both, and their stages only re-test them (their stage seconds are
+then the re-test's; the first setting's are the training's).
 
 Prints and writes (OUT/fl_quality.{json,md}, OUT/fl_quality_curves.png) per setting: mean and spread (min-max) of
 test WER at the round chosen by dev WER (best_model.pt) and at the last round, the FL/central ratios, rounds until

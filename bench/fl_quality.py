@@ -36,8 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fedasr.pipeline import (  # noqa: E402
-    DEFAULT_CONFIG, Layout, build_pipeline, load_pipeline_config, parse_set_overrides, run_pipeline,
-    trained_from_current_inputs,
+    DEFAULT_CONFIG, Layout, build_pipeline, central_starts_from_warmup, load_pipeline_config, parse_set_overrides,
+    run_pipeline, trained_from_current_inputs,
 )
 from fedasr.fl.metrics_log import METRICS_FILE, read_metrics_rows  # noqa: E402
 from fedasr.utils.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
@@ -66,7 +66,7 @@ def shared_stages_copy(source: Path, source_config: dict, target: Path, config: 
     before, after = own_settings(source, source_config), own_settings(target, config)
     kept = {"warmup": before["warmup"] == after["warmup"]}
     kept["central"] = (before["central"] == after["central"]
-                       and ((config["central"] or {}).get("init_from") != "warmup" or kept["warmup"]))
+                       and (not central_starts_from_warmup(config) or kept["warmup"]))
     layout = Layout(source, source_config)
     skipped = ({layout.run(s).resolve() for s in FL_SETTINGS} | {layout.report.resolve()}
                | {layout.run(s).resolve() for s, keep in kept.items() if not keep})
@@ -85,8 +85,7 @@ def drop_runs_trained_on_other_data(folder: Path, config: dict, kept: list[str])
     layout = Layout(folder, config)
     dropped = []
     for setting in ("warmup", "central"):  # the warm-up first: a central run may start from it
-        starts_from_dropped = (setting == "central" and "warmup" in dropped
-                               and (config["central"] or {}).get("init_from") == "warmup")
+        starts_from_dropped = setting == "central" and "warmup" in dropped and central_starts_from_warmup(config)
         if setting in kept and (starts_from_dropped or not trained_from_current_inputs(layout, setting)):
             shutil.rmtree(layout.run(setting))
             dropped.append(setting)

@@ -149,7 +149,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
     beside = config.get("central_beside_warmup", "auto")
     if beside not in (True, False, "auto"):
         raise PipelineError(f"{source}: central_beside_warmup must be auto, true or false, got {beside!r}. {_FIX}")
-    if beside is True and (config.get("central") or {}).get("init_from") == "warmup":
+    if beside is True and central_starts_from_warmup(config):
         raise PipelineError(f"{source}: central_beside_warmup is true but central.init_from is warmup: the centralized "
                             "run then needs the warm-up's model. Set central_beside_warmup to auto or false.")
     silo_layout = {key: (config.get("partition") or {}).get(key) for key in SILO_LAYOUT_KEYS}
@@ -480,7 +480,7 @@ def training_overrides(layout: Layout, setting: str) -> dict:
                  **layout.config["warmup" if setting == "warmup" else "central"]}
     if setting == "warmup":
         overrides["train_csv"] = str(layout.partition("cross-silo") / "warmup" / "train.csv")
-    elif overrides.get("init_from") == "warmup":  # the centralized run starts where the federated runs start
+    elif central_starts_from_warmup(layout.config):  # where the federated runs start
         overrides["init_from"] = str(layout.run("warmup") / "seed_checkpoint")
     return overrides
 
@@ -543,6 +543,12 @@ def claim_training_folder(out: Path, setting: str, key: dict) -> None:
     )
 
 
+def central_starts_from_warmup(config: dict) -> bool:
+    """Whether the centralized run starts where the federated runs start (``central.init_from: warmup``, the
+    warm-up's seed checkpoint) instead of from scratch."""
+    return (config.get("central") or {}).get("init_from") == "warmup"
+
+
 def central_beside_warmup(config: dict) -> bool:
     """Whether the centralized baseline trains beside the warm-up and the federated stages (setting
     ``central_beside_warmup``): never when it starts from the warm-up's model; ``auto``: on the CPU when the
@@ -550,7 +556,7 @@ def central_beside_warmup(config: dict) -> bool:
     from fedasr.utils.device import resolve_device, usable_cores
 
     choice = config["central_beside_warmup"]
-    if (config["central"] or {}).get("init_from") == "warmup" or choice is False:
+    if central_starts_from_warmup(config) or choice is False:
         return False
     if choice is True:
         return True

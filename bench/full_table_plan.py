@@ -38,8 +38,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedasr.pipeline import (CLIENT_GPU_SHARE, PipelineError, experiment_file, fl_settings,  # noqa: E402
-                             load_pipeline_config, parse_set_overrides, repo_path)
+from fedasr.pipeline import (CLIENT_GPU_SHARE, PipelineError, central_starts_from_warmup,  # noqa: E402
+                             experiment_file, fl_settings, load_pipeline_config, parse_set_overrides, repo_path)
 
 # SpeechBrain's LibriSpeech seq2seq CRDNN recipe (speechbrain/speechbrain, recipes/LibriSpeech/ASR/seq2seq/README.md,
 # "Training Time"): "about 5 hours for each epoch on a NVIDIA V100 (32GB)", LibriSpeech 960 h.
@@ -95,6 +95,7 @@ class Recipe:
     valid_fraction: float
     silo_sizes: str
     size_exponent: float
+    partition_seed: int
     epochs: dict                   # {"warmup": n, "central": n}
     central_from_warmup: bool
     experiment_dev_max: int | None
@@ -129,8 +130,9 @@ def read_recipe(config_file: str, sets: list[str] | None, language: str) -> Reci
     recipe = Recipe(config_file=str(config_file), language=str(config["language"]), model=str(config["model"]),
                     experiment=str(experiment.relative_to(REPO) if experiment.is_relative_to(REPO) else experiment),
                     warmup_speakers=int(p["warmup_speakers"]), valid_fraction=float(p["valid_fraction"]),
-                    silo_sizes=str(p["silo_sizes"]), size_exponent=float(p["size_exponent"]), epochs=epochs,
-                    central_from_warmup=config["central"].get("init_from") == "warmup",
+                    silo_sizes=str(p["silo_sizes"]), size_exponent=float(p["size_exponent"]),
+                    partition_seed=int(p["seed"]), epochs=epochs,
+                    central_from_warmup=central_starts_from_warmup(config),
                     experiment_dev_max=config["central"].get("dev_max_utterances", _plain(blocks, "dev_max_utterances")))
     for mode in MODES:
         name = mode.replace("-", "_")
@@ -199,9 +201,10 @@ def data_from_folder(folder: Path) -> Data:
 
 
 def silo_shares(recipe: Recipe, silos: int) -> list[float]:
-    if recipe.silo_sizes == "skewed":  # Zipf targets, as fedasr.data.partition deals them
-        weights = [rank ** -recipe.size_exponent for rank in range(1, silos + 1)]
-        return [w / sum(weights) for w in weights]
+    from fedasr.data.partition import size_shares
+
+    if recipe.silo_sizes == "skewed":  # the partition's own Zipf targets, in its seeded order
+        return size_shares(silos, recipe.size_exponent, recipe.partition_seed)
     return [1 / silos] * silos
 
 

@@ -38,7 +38,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedasr.pipeline import (CLIENT_GPU_SHARE, PipelineError, central_starts_from_warmup,  # noqa: E402
+from fedasr.pipeline import (PipelineError, client_gpu_share, central_starts_from_warmup,  # noqa: E402
                              experiment_file, fl_settings, load_pipeline_config, parse_set_overrides, repo_path)
 
 # SpeechBrain's LibriSpeech seq2seq CRDNN recipe (speechbrain/speechbrain, recipes/LibriSpeech/ASR/seq2seq/README.md,
@@ -344,7 +344,7 @@ def resolve_rates(args, recipe: Recipe) -> Rates:
 
 # ---- the estimate ----------------------------------------------------------------------------------------------
 
-SHARES = (1.0, 0.5, 0.33, 0.25)  # client_num_gpus tried: 1 to 4 clients per GPU (0.25 is the pipeline's on a GPU)
+SHARES = (1.0, 0.5, 0.33, 0.25)  # client_num_gpus tried: 1 to 4 clients per GPU (the pipeline's choices)
 
 
 def round_hours(clients_h: list[float], gpus: int, share: float, overhead_h: float) -> float:
@@ -528,8 +528,10 @@ def recommendations(recipe: Recipe, data: Data, rates: Rates, rows: list[dict], 
             per_round = clients_of(recipe, data, mode)[1]
             tried = ", ".join(f"{s:g}: {_duration(round_hours(compute, g, s, overhead_h))}" for s in SHARES)
             why = "the recipe sets it" if fl.client_num_gpus else "the shortest round, ties to fewer clients per GPU"
+            own = client_gpu_share(g, per_round)  # what the pipeline gives the clients when the recipe sets none
+            own_h = round_hours(compute, g, own, overhead_h)
             line = (f"{g} GPU{'s' if g > 1 else ''}, {mode}: client_num_gpus {share:g} ({why}; a round with each "
-                    f"share: {tried}). ")
+                    f"share: {tried}; the pipeline's own choice: {own:g}). ")
             if mode == "cross-silo":
                 line += (f"Each silo trains {_duration(max(compute))} a round: sharing a GPU among silos adds no "
                          "compute, only memory (each holds the 148 M-parameter model, its gradients and Adam state)"
@@ -546,12 +548,14 @@ def recommendations(recipe: Recipe, data: Data, rates: Rates, rows: list[dict], 
                             f"({_duration(round_hours([compute[0]] * slots, g, share, overhead_h))} a round)."
                             if slots > per_round else f"more than {slots} would wait for free slots."))
             out.append(line)
-            if not fl.client_num_gpus:
+            if not fl.client_num_gpus and own_h > 1.02 * round_hours(compute, g, share, overhead_h):
                 sets.append(f"--set {mode.replace('-', '_')}.set.client_num_gpus={share:g}")
         if sets:
             out.append(f"{g} GPU{'s' if g > 1 else ''}: `recipes/CommonVoice/{recipe.language}/run.sh CV_DIR "
-                       + " ".join(sets) + "` (without them the pipeline gives every client "
-                       f"{CLIENT_GPU_SHARE:g} of a GPU on a GPU machine)")
+                       + " ".join(sets) + "` (the pipeline's own share makes those rounds over 2 % longer)")
+        else:
+            out.append(f"{g} GPU{'s' if g > 1 else ''}: the recipe as it is (the pipeline's own shares are within 2 % "
+                       "of the shortest round)")
     out.append("central_beside_warmup: leave auto (false on a GPU). true trains central in a child process on the same "
                "`device` as the warm-up (cuda:0): on 1 GPU two trainings then share it, which adds no compute (worth "
                "trying only if bench/gpu_smoke.sh shows one training leaves the GPU idle); on 8 GPUs central would "

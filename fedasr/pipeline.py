@@ -597,10 +597,11 @@ def federate_command(layout: Layout, mode: str) -> list[str]:
     return command
 
 
-def fl_settings(config: dict, name: str, fitted: dict | None = None):
+def fl_settings(config: dict, name: str, fitted: dict | None = None, num_clients: int | None = None):
     """The FLConfig of a federated section (``cross_silo`` / ``cross_device``): its hparams file, the pipeline's
     device, precision and seed, then the section's ``set`` (which wins), fitted to the devices (and ``fitted``:
-    overrides that fit it to the partition); and the notes of what was fitted."""
+    overrides that fit it to the partition of ``num_clients`` clients, when known); and the notes of what was
+    fitted."""
     from fedasr.fl.config import load_fl_config
 
     section = config[name]
@@ -608,38 +609,60 @@ def fl_settings(config: dict, name: str, fitted: dict | None = None):
     overrides = deep_merge({"device": config["device"], "precision": config["precision"]}, explicit)
     overrides = deep_merge(overrides, {"seed": int(config["seed"]), **(fitted or {})})
     fl_config = load_fl_config(repo_path(section["hparams"]), overrides)
-    for_devices, notes = fit_to_devices(fl_config, explicit)
+    for_devices, notes = fit_to_devices(fl_config, explicit, num_clients)
     if for_devices:
         fl_config = load_fl_config(repo_path(section["hparams"]), deep_merge(overrides, for_devices))
     return fl_config, notes
 
 
-def fit_to_devices(config, explicit: dict) -> tuple[dict, list[str]]:
+def fit_to_devices(config, explicit: dict, num_clients: int | None = None) -> tuple[dict, list[str]]:
     """On a GPU (device auto or cuda) the simulated clients get a GPU share unless the section sets
-    ``client_num_gpus`` itself: with the fl hparams' 0 they would train on the CPU while the GPU idles."""
+    ``client_num_gpus`` itself: with the fl hparams' 0 they would train on the CPU while the GPU idles. The share
+    is :func:`client_gpu_share` of the visible GPUs and the clients that can train at once (a round's clients,
+    at most one per CPU Ray has for clients)."""
     from fedasr.fl.simulation import ray_address
-    from fedasr.utils.device import resolve_device
+    from fedasr.utils.device import resolve_device, visible_gpus
 
     if ("client_num_gpus" in explicit or float(config.client_num_gpus) > 0 or ray_address(config) is not None
             or not resolve_device(config.device).startswith("cuda")):
         return {}, []
-    return {"client_num_gpus": CLIENT_GPU_SHARE}, [
-        f"client_num_gpus 0 -> {CLIENT_GPU_SHARE} (device {config.device}: {round(1 / CLIENT_GPU_SHARE)} clients "
-        "share a GPU; set it in the section's `set` to change)"]
+    at_once = [int((os.cpu_count() or 1) // float(config.client_num_cpus))]
+    if config.clients_per_round is not None:
+        at_once.append(int(config.clients_per_round))
+    if num_clients is not None:
+        at_once.append(num_clients)
+    gpus = visible_gpus()
+    share = client_gpu_share(gpus, min(at_once) if len(at_once) > 1 else None)
+    per_gpu = round(1 / share)
+    return {"client_num_gpus": share}, [
+        f"client_num_gpus 0 -> {share:g} (device {config.device}, {gpus} GPU{'s' if gpus > 1 else ''}: up to "
+        f"{per_gpu} client{'s' if per_gpu > 1 else ''} per GPU; set it in the section's `set` to change)"]
 
 
-CLIENT_GPU_SHARE = 0.25
+MAX_CLIENTS_PER_GPU = 4  # the most simulated clients the pipeline puts on one GPU (each holds a model, its
+                         # gradients, optimizer state and activations)
+
+
+def client_gpu_share(gpus: int, clients_at_once: int | None) -> float:
+    """The ``client_num_gpus`` that spreads a round over the GPUs: 1 / k, k the fewest clients per GPU that lets
+    every client of the round train at once (``ceil(clients / gpus)``, at most MAX_CLIENTS_PER_GPU; unknown
+    clients: the most). Wherever Ray then places the shares, no GPU holds more than k: 10 silos on 8 GPUs get 0.5
+    (two per GPU at most), where 0.25 could stack four silos on one GPU while others idle."""
+    if not clients_at_once or gpus < 1:
+        return round(1 / MAX_CLIENTS_PER_GPU, 4)
+    per_gpu = min(MAX_CLIENTS_PER_GPU, -(-int(clients_at_once) // int(gpus)))
+    return round(1 / per_gpu, 4)
 
 
 def resolve_fl_settings(layout: Layout, mode: str):
-    """The stage's FLConfig (:func:`fl_settings`) fitted to the partition; and the notes of what was fitted."""
+    """The stage's FLConfig (:func:`fl_settings`) fitted to the partition and the devices; and the notes of what
+    was fitted."""
     from fedasr.data.partition import load_partition
 
     name = mode.replace("-", "_")
-    config, notes = fl_settings(layout.config, name)
-    fitted, partition_notes = fit_to_partition(config, len(load_partition(layout.partition(mode))["clients"]))
-    if fitted:
-        config, notes = fl_settings(layout.config, name, fitted)
+    num_clients = len(load_partition(layout.partition(mode))["clients"])
+    fitted, partition_notes = fit_to_partition(fl_settings(layout.config, name)[0], num_clients)
+    config, notes = fl_settings(layout.config, name, fitted, num_clients)
     config.evaluation.test_seed = False  # the seed is the warm-up stage's model: its test WER is in that stage's result
     return config, notes + partition_notes + give_server_its_data(config, layout.partition(mode) / "warmup" / "train.csv")
 

@@ -274,6 +274,40 @@ def test_pipeline_device_and_precision_reach_every_federated_stage_unless_a_sect
     assert fl_settings(config, "cross_device")[0].client_num_gpus == 0
 
 
+@pytest.mark.parametrize("gpus, clients, share", [
+    (1, 10, 0.25),    # ten silos on one GPU: four at a time at most
+    (8, 10, 0.5),     # ten silos on eight GPUs: two per GPU at most (0.25 could stack four on one GPU)
+    (8, 20, 0.3333),  # twenty speaker-clients on eight GPUs: three per GPU
+    (8, 8, 1.0), (8, 3, 1.0), (1, 1, 1.0),
+    (2, None, 0.25),  # clients not known yet (the pipeline's preflight): the most per GPU
+])
+def test_client_gpu_share_lets_a_round_train_at_once_with_the_fewest_clients_per_gpu(gpus, clients, share):
+    from fedasr.pipeline import MAX_CLIENTS_PER_GPU, client_gpu_share
+
+    assert client_gpu_share(gpus, clients) == share
+    per_gpu = round(1 / share)
+    assert per_gpu <= MAX_CLIENTS_PER_GPU
+    if clients and per_gpu < MAX_CLIENTS_PER_GPU:
+        assert gpus * per_gpu >= clients > gpus * (per_gpu - 1)  # all at once, and no fewer per GPU would do
+
+
+def test_pipeline_shares_the_gpus_by_the_clients_a_round_trains_at_once(fake_gpus, monkeypatch):
+    from fedasr.pipeline import fl_settings, load_pipeline_config
+
+    config = load_pipeline_config(REPO / "hparams/pipeline/commonvoice.yaml")  # all silos a round; 20 speaker-clients
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    fake_gpus(8)
+    silo, notes = fl_settings(config, "cross_silo", num_clients=10)
+    assert silo.client_num_gpus == 0.5 and "client_num_gpus 0 -> 0.5 (device auto, 8 GPUs: up to 2 clients" in notes[0]
+    assert fl_settings(config, "cross_device", num_clients=2000)[0].client_num_gpus == 0.3333
+    monkeypatch.setattr("os.cpu_count", lambda: 16)  # Ray runs at most 16 one-CPU clients at once: two per GPU
+    assert fl_settings(config, "cross_device", num_clients=2000)[0].client_num_gpus == 0.5
+    fake_gpus(1)
+    assert fl_settings(config, "cross_silo", num_clients=10)[0].client_num_gpus == 0.25
+    fake_gpus(0)  # the CPU: no share (the real machine's case in the test above)
+    assert fl_settings(config, "cross_silo", num_clients=10)[0].client_num_gpus == 0
+
+
 # ---------------------------------------------------------------------------------------------- models on the device
 
 

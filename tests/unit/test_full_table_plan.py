@@ -110,6 +110,27 @@ def test_round_model():
     assert plan.best_share(silos, 1, 0.001) == 1.0  # no gain from sharing: a whole GPU per silo
 
 
+def test_the_pipelines_own_gpu_share_is_as_fast_as_the_best_modeled_one():
+    """The share the pipeline gives clients on a GPU (fedasr.pipeline.client_gpu_share) against the plan's round
+    model: within 2 % of the shortest round for every mode, on 1, 8 and 16 GPUs; a constant 0.25 is not (four
+    silos stacked on one of eight GPUs)."""
+    args = plan.build_parser().parse_args([])
+    recipe = plan.read_recipe(args.config, args.set, args.lang)
+    data, rates = plan.assumed_data(recipe, args), plan.resolve_rates(args, recipe)
+    overhead_h = rates.overhead_s / 3600
+    for mode in plan.MODES:
+        compute = plan.client_hours(recipe, data, rates, mode)
+        per_round = plan.clients_of(recipe, data, mode)[1]
+        for gpus in (1, 8, 16):
+            best = min(plan.round_hours(compute, gpus, s, overhead_h) for s in plan.SHARES)
+            own = plan.round_hours(compute, gpus, plan.client_gpu_share(gpus, per_round), overhead_h)
+            assert own <= 1.02 * best, (mode, gpus)
+    silos = plan.client_hours(recipe, data, rates, "cross-silo")
+    assert plan.round_hours(silos, 8, 0.25, overhead_h) > 1.5 * plan.round_hours(silos, 8, 0.5, overhead_h)
+    text = "\n".join(plan.recommendations(recipe, data, rates, plan.estimate(recipe, data, rates, [1, 8]), [1, 8]))
+    assert "the recipe as it is" in text and "--set cross_silo" not in text
+
+
 def test_writes_the_table_atomically(tmp_path, capsys):
     out = tmp_path / "plan.md"
     assert plan.main(["--gpus", "1", "8", "--out", str(out)]) == 0

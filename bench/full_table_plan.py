@@ -488,14 +488,16 @@ def render(recipe: Recipe, data: Data, rates: Rates, rows: list[dict], gpus: lis
                  + " | ".join(f"**{_h(total[g])}** ({total[g] / 24:.1f} days)" for g in gpus) + " | |")
     central = next(r for r in rows if r["stage"] == "central")
     if not recipe.central_from_warmup and max(gpus) > 1:
-        side = {g: max(central["wall_h"][g], total[g] - central["wall_h"][g]) if g > 1 else total[g] for g in gpus}
-        lines.append("| total if central trained on a GPU of its own beside the rest (the pipeline cannot place it "
-                     "so: one `device` for every stage) | | | | " + " | ".join(
+        side = {g: max(central["wall_h"][g], sum(r["wall_h"][g - 1] for r in estimate(recipe, data, rates, [g - 1])
+                                                  if r["stage"] != "central")) for g in gpus if g > 1}
+        lines.append("| total with `--set central_device=cuda:N` (central on GPU N of its own, beside the other stages "
+                     "on the other GPUs) | | | | " + " | ".join(
                          f"{_h(side[g])} ({side[g] / 24:.1f} days)" if g > 1 else "-" for g in gpus) + " | |")
     notes = data.notes + rates.notes + [
         "warm-up and central: one train-central process on one GPU each (fedasr/models/train.py refuses data-parallel "
         "and distributed runs), so more GPUs do not shorten them; on a GPU the pipeline trains central after the "
-        "warm-up (central_beside_warmup auto is false there), on the same `device`",
+        "warm-up (central_beside_warmup auto is false there), on the same `device`, unless `central_device` gives it "
+        "a GPU of its own",
         "federated: clients in parallel = GPUs / client_num_gpus (and cores / client_num_cpus: at least one core per "
         "client assumed), the others waiting for a free slot; they fill one GPU's slots before the next (assumed "
         "from Ray's first fit of fractional GPUs and Flower handing clients to its actors in order; if Ray spreads "
@@ -558,8 +560,9 @@ def recommendations(recipe: Recipe, data: Data, rates: Rates, rows: list[dict], 
                        "of the shortest round)")
     out.append("central_beside_warmup: leave auto (false on a GPU). true trains central in a child process on the same "
                "`device` as the warm-up (cuda:0): on 1 GPU two trainings then share it, which adds no compute (worth "
-               "trying only if bench/gpu_smoke.sh shows one training leaves the GPU idle); on 8 GPUs central would "
-               "also share GPU 0 with the federated clients and slow the busiest GPU of every round.")
+               "trying only if bench/gpu_smoke.sh shows one training leaves the GPU idle). With 2 GPUs or more, "
+               "`--set central_device=cuda:N` gives central GPU N of its own beside the other stages, which then "
+               "leave GPU N alone (the table's last row).")
     return out
 
 

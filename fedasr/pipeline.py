@@ -96,7 +96,7 @@ _FIX = "Every key is documented in hparams/pipeline/demo.yaml."
 _FL_SECTION = {"hparams": str, "set": (dict, type(None))}
 _PIPELINE_SCHEMA = {
     "dataset": str, "language": str, "model": str, "seed": int, "threads": int, "device": str, "precision": str,
-    "central_beside_warmup": (bool, str), "corpus": dict, "prepare": dict,
+    "central_beside_warmup": (bool, str), "central_device": (str, type(None)), "corpus": dict, "prepare": dict,
     "partition": {"warmup_speakers": int, "cross_silo_clients": int, "cross_device_clients": (int, type(None)),
                   "min_utterances": int, "valid_fraction": float, "seed": int,
                   "silo_sizes": str, "size_exponent": (int, float), "skew": str, "skew_share": (int, float)},
@@ -113,7 +113,7 @@ def optional_defaults() -> dict:
     from fedasr.data.partition import partition_manifest
 
     parameters = inspect.signature(partition_manifest).parameters
-    return {"device": "auto", "precision": "fp32", "central_beside_warmup": "auto",
+    return {"device": "auto", "precision": "fp32", "central_beside_warmup": "auto", "central_device": None,
             "partition": {key: parameters[key].default for key in SILO_LAYOUT_KEYS}}
 
 
@@ -162,6 +162,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
         from fedasr.utils.device import DeviceError, check_precision, resolve_device
         try:
             check_precision(config["precision"], resolve_device(config["device"], what="device"))
+            check_central_device(config)
         except DeviceError as err:
             raise PipelineError(f"{source}: {err}") from None
     decoding = (config.get("evaluation") or {}).get("decoding")
@@ -464,12 +465,18 @@ def do_train_central(layout: Layout, setting: str, echo) -> None:
     out = layout.run(setting)
     overrides = training_overrides(layout, setting)
     claim_training_folder(out, setting, training_key(layout, setting, overrides))
-    result = train_central(experiment_file(layout.config), overrides, device=layout.config["device"],
+    result = train_central(experiment_file(layout.config), overrides, device=stage_device(layout.config, setting),
                            run_opts={"precision": layout.config["precision"]})
     save_run_config(out, layout.run_id(setting), (out / "hyperparams.yaml").read_text(encoding="utf-8"))
     echo(f"   {setting}: {result['epochs']} epochs, dev WER {100 * result['dev_wer']:.2f} %, "
          f"test WER {100 * result['test_wer']:.2f} %, {result['seconds']} s -> {out}")
     evaluate_run_model(layout, setting)
+
+
+def stage_device(config: dict, setting: str) -> str:
+    """The device a stage trains and decodes on: ``central_device`` for the centralized baseline when set, else
+    ``device``."""
+    return (config.get("central_device") if setting == "central" else None) or config["device"]
 
 
 def training_overrides(layout: Layout, setting: str) -> dict:
@@ -558,9 +565,61 @@ def central_beside_warmup(config: dict) -> bool:
     choice = config["central_beside_warmup"]
     if central_starts_from_warmup(config) or choice is False:
         return False
-    if choice is True:
+    if choice is True or config.get("central_device"):
         return True
     return resolve_device(config["device"]) == "cpu" and usable_cores() >= 2 * int(config["threads"])
+
+
+def check_central_device(config: dict) -> None:
+    """``central_device`` (a GPU of the centralized baseline's own, beside the other stages), or DeviceError: it
+    must be ``cuda:N``, visible, other than the GPU of ``device``, with a GPU left for the other stages, and the
+    baseline must be able to train beside them."""
+    from fedasr.utils.device import DeviceError, parse_device, resolve_device, visible_gpus
+
+    request = config.get("central_device")
+    if not request:
+        return
+    kind, index = parse_device(request, what="central_device")
+    if kind != "cuda" or index is None:
+        raise DeviceError(f"central_device must name a GPU (cuda:N) the centralized baseline trains on beside the "
+                          f"other stages, got {request!r}; null: the pipeline's device")
+    central = resolve_device(request, what="central_device")
+    rest = resolve_device(config["device"], what="device")
+    if not rest.startswith("cuda") or rest == central:
+        raise DeviceError(f"central_device {request!r} must be a GPU other than the other stages' (device "
+                          f"{config['device']!r} -> {rest}): e.g. device: cuda (GPU 0) and central_device: "
+                          f"cuda:{visible_gpus() - 1}")
+    if config["central_beside_warmup"] is False or central_starts_from_warmup(config):
+        raise DeviceError(f"central_device {request!r} trains the baseline beside the other stages, but "
+                          + ("central_beside_warmup is false" if config["central_beside_warmup"] is False
+                             else "central.init_from is warmup (it needs the warm-up's model first)")
+                          + ": set central_device: null, or let it run beside")
+
+
+def federated_device(config: dict) -> str:
+    """``device`` as a federated stage names it: without the centralized baseline's GPU in its
+    CUDA_VISIBLE_DEVICES (:func:`gpus_without_central`), ``cuda:N`` past that GPU is ``cuda:N-1`` there."""
+    from fedasr.utils.device import parse_device
+
+    kind, index = parse_device(config["device"])
+    if not config.get("central_device") or kind != "cuda" or index is None:
+        return config["device"]
+    return f"cuda:{index - (index > parse_device(config['central_device'])[1])}"
+
+
+def gpus_without_central(config: dict) -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries of every GPU but ``central_device``'s (the other stages' GPUs, so Ray
+    places no client on the baseline's GPU); None when the baseline has no GPU of its own. An entry is what
+    CUDA_VISIBLE_DEVICES already holds (an index or a UUID), else the GPU's index."""
+    from fedasr.utils.device import parse_device, visible_gpus
+
+    if not config.get("central_device"):
+        return None
+    index = parse_device(config["central_device"])[1]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    entries = ([e.strip() for e in visible.split(",") if e.strip()] if visible is not None
+               else [str(i) for i in range(visible_gpus())])
+    return [entry for position, entry in enumerate(entries) if position != index]
 
 
 def central_alongside(central_training: Callable[[Callable[[str], None]], None], config: dict) -> dict:
@@ -606,20 +665,22 @@ def fl_settings(config: dict, name: str, fitted: dict | None = None, num_clients
 
     section = config[name]
     explicit = section.get("set") or {}
-    overrides = deep_merge({"device": config["device"], "precision": config["precision"]}, explicit)
+    overrides = deep_merge({"device": federated_device(config), "precision": config["precision"]}, explicit)
     overrides = deep_merge(overrides, {"seed": int(config["seed"]), **(fitted or {})})
     fl_config = load_fl_config(repo_path(section["hparams"]), overrides)
-    for_devices, notes = fit_to_devices(fl_config, explicit, num_clients)
+    others = gpus_without_central(config)
+    for_devices, notes = fit_to_devices(fl_config, explicit, num_clients, None if others is None else len(others))
     if for_devices:
         fl_config = load_fl_config(repo_path(section["hparams"]), deep_merge(overrides, for_devices))
     return fl_config, notes
 
 
-def fit_to_devices(config, explicit: dict, num_clients: int | None = None) -> tuple[dict, list[str]]:
+def fit_to_devices(config, explicit: dict, num_clients: int | None = None,
+                   gpus: int | None = None) -> tuple[dict, list[str]]:
     """On a GPU (device auto or cuda) the simulated clients get a GPU share unless the section sets
     ``client_num_gpus`` itself: with the fl hparams' 0 they would train on the CPU while the GPU idles. The share
     is :func:`client_gpu_share` of the visible GPUs and the clients that can train at once (a round's clients,
-    at most one per CPU Ray has for clients)."""
+    at most one per CPU Ray has for clients); ``gpus``: the GPUs the stage may use (default: all visible)."""
     from fedasr.fl.simulation import ray_address
     from fedasr.utils.device import resolve_device, visible_gpus
 
@@ -631,7 +692,7 @@ def fit_to_devices(config, explicit: dict, num_clients: int | None = None) -> tu
         at_once.append(int(config.clients_per_round))
     if num_clients is not None:
         at_once.append(num_clients)
-    gpus = visible_gpus()
+    gpus = visible_gpus() if gpus is None else gpus
     share = client_gpu_share(gpus, min(at_once) if len(at_once) > 1 else None)
     per_gpu = round(1 / share)
     return {"client_num_gpus": share}, [
@@ -724,7 +785,7 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
     try:
         with open(log_path, "w", encoding="utf-8") as log:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                  env=federate_environment(layout.config))
     finally:
         watcher.stopped.set()
         watcher.join()
@@ -736,6 +797,16 @@ def do_federate(layout: Layout, mode: str, echo) -> None:
     evaluate_run_model(layout, mode)
 
 
+def federate_environment(config: dict) -> dict:
+    """The environment of a `fedasr federate` stage: this one, unbuffered, without the centralized baseline's GPU
+    when it has one of its own (:func:`gpus_without_central`)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    others = gpus_without_central(config)
+    if others is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(others)
+    return env
+
+
 def evaluate_run_model(layout: Layout, setting: str) -> dict:
     """Per-utterance test decoding of a run's model (a federated run: its best model) ->
     ``<run>/eval/{hyps.tsv,wer_report.json,wer_report.txt}``: compare's per-speaker plots and intervals."""
@@ -744,7 +815,7 @@ def evaluate_run_model(layout: Layout, setting: str) -> dict:
     out = layout.run(setting)
     model = out / "seed_checkpoint" if setting in ("warmup", "central") else out
     return evaluate_checkpoint(model, layout.manifests / "test.csv", decoding=layout.config["evaluation"]["decoding"],
-                               out_dir=out / "eval", device=layout.config["device"],
+                               out_dir=out / "eval", device=stage_device(layout.config, setting),
                                precision=layout.config["precision"])
 
 

@@ -8,6 +8,7 @@ GPU here; bench/gpu_smoke.sh exercises the GPU paths on a GPU machine). Each moc
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -246,7 +247,7 @@ def test_cli_federate_with_device_cuda_exits_in_seconds_before_ray_with_nothing_
 
 @needs_no_gpu
 @pytest.mark.parametrize("override", ["device=cuda", "device=cuda:1", "precision=fp16",
-                                      "cross_silo.set.device=cuda"])
+                                      "cross_silo.set.device=cuda", "central_device=cuda:1"])
 def test_pipeline_refuses_an_unusable_device_before_the_first_stage(override, tmp_path, capsys):
     out = tmp_path / "demo"
     started = time.perf_counter()
@@ -306,6 +307,50 @@ def test_pipeline_shares_the_gpus_by_the_clients_a_round_trains_at_once(fake_gpu
     assert fl_settings(config, "cross_silo", num_clients=10)[0].client_num_gpus == 0.25
     fake_gpus(0)  # the CPU: no share (the real machine's case in the test above)
     assert fl_settings(config, "cross_silo", num_clients=10)[0].client_num_gpus == 0
+
+
+def test_central_on_a_gpu_of_its_own_beside_stages_that_leave_it_alone(fake_gpus, monkeypatch):
+    from fedasr import pipeline
+    from fedasr.pipeline import load_pipeline_config
+
+    recipe = REPO / "hparams/pipeline/commonvoice.yaml"
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    fake_gpus(8)
+    config = load_pipeline_config(recipe, {"device": "cuda", "central_device": "cuda:7"})
+    assert pipeline.central_beside_warmup(config)  # auto, on a GPU: beside because it has a GPU of its own
+    assert pipeline.stage_device(config, "central") == "cuda:7" and pipeline.stage_device(config, "warmup") == "cuda"
+    assert pipeline.federate_environment(config)["CUDA_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6"
+    # The federated stages share out the 7 GPUs left: 10 silos -> 2 per GPU, 20 speaker-clients -> 3 per GPU.
+    assert pipeline.fl_settings(config, "cross_silo", num_clients=10)[0].client_num_gpus == 0.5
+    assert pipeline.fl_settings(config, "cross_device", num_clients=2000)[0].client_num_gpus == 0.3333
+    # Without it every stage sees every GPU.
+    plain = load_pipeline_config(recipe, {"device": "cuda"})
+    assert "CUDA_VISIBLE_DEVICES" not in pipeline.federate_environment(plain)
+    assert not pipeline.central_beside_warmup(plain) and pipeline.stage_device(plain, "central") == "cuda"
+    # Ray's (or a scheduler's) CUDA_VISIBLE_DEVICES is kept, entries as given; cuda:N past the baseline's GPU shifts.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b,GPU-c")
+    fake_gpus(3)
+    config = load_pipeline_config(recipe, {"device": "cuda:2", "central_device": "cuda:1"})
+    assert pipeline.federate_environment(config)["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-c"
+    assert pipeline.fl_settings(config, "cross_silo", num_clients=10)[0].device == "cuda:1"  # GPU-c among the two
+
+
+@pytest.mark.parametrize("overrides, says", [
+    ({"central_device": "cuda"}, "must name a GPU (cuda:N)"),
+    ({"central_device": "cpu"}, "must name a GPU (cuda:N)"),
+    ({"central_device": "cuda:0"}, "must be a GPU other than the other stages'"),
+    ({"central_device": "cuda:1", "device": "cpu"}, "must be a GPU other than the other stages'"),
+    ({"central_device": "cuda:2"}, "names GPU 2 but only cuda:0..cuda:1 are visible"),
+    ({"central_device": "cuda:1", "central_beside_warmup": False}, "central_beside_warmup is false"),
+    ({"central_device": "cuda:1", "central": {"init_from": "warmup"}}, "central.init_from is warmup"),
+])
+def test_central_device_requests_that_cannot_be_met_are_refused_when_the_config_loads(fake_gpus, overrides, says):
+    from fedasr.pipeline import PipelineError, load_pipeline_config
+
+    fake_gpus(2)
+    with pytest.raises(PipelineError, match=re.escape(says)):
+        load_pipeline_config(REPO / "hparams/pipeline/commonvoice.yaml", {"device": "cuda", **overrides})
 
 
 # ---------------------------------------------------------------------------------------------- models on the device

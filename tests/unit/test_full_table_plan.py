@@ -131,6 +131,16 @@ def test_the_pipelines_own_gpu_share_is_as_fast_as_the_best_modeled_one():
     assert "the recipe as it is" in text and "--set cross_silo" not in text
 
 
+def test_central_on_a_gpu_of_its_own_leaves_the_other_stages_one_gpu_fewer(tmp_path):
+    rows = rows_of(["--gpus", "1"])
+    one_gpu_without_central = sum(r["wall_h"][1] for stage, r in rows.items() if stage != "central")
+    assert one_gpu_without_central > rows["central"]["wall_h"][1]  # so on 2 GPUs the other stages set the pace
+    out = tmp_path / "plan.md"
+    assert plan.main(["--gpus", "1", "2", "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if "central_device=cuda:N" in line)
+    assert f"| - | {one_gpu_without_central:,.1f} (" in row
+
+
 def test_writes_the_table_atomically(tmp_path, capsys):
     out = tmp_path / "plan.md"
     assert plan.main(["--gpus", "1", "8", "--out", str(out)]) == 0

@@ -267,7 +267,12 @@ def _get(report: dict, dotted: str, path: Path):
     return value
 
 
-def _share(smoke: Path, stage: str, default: float) -> float:
+def _share(report: dict, smoke: Path, stage: str, default: float) -> float:
+    """The client_num_gpus a smoke stage ran with: the report's (gpu_smoke.json records it), else the stage's
+    fl_config.json beside it (reports written before), else gpu_smoke.sh's setting."""
+    recorded = (report.get(stage) or {}).get("client_num_gpus")
+    if isinstance(recorded, (int, float)) and recorded > 0:
+        return float(recorded)
     config = smoke.parent / stage / "fl_config.json"
     try:
         return float(json.loads(config.read_text())["config"]["client_num_gpus"]) or default
@@ -293,9 +298,10 @@ def smoke_rates(path: Path, model: str) -> Rates:
         raise PlanError(f"{path}: measured with model {measured_model!r}, the recipe trains {model!r}")
     central = float(_get(report, "central.train_audio_s_per_s", path))
     per_client = float(_get(report, "silos.per_client_fit_audio_s_per_s", path))
-    silos, silo_share = int(_get(report, "silos.clients", path)), _share(path, "silos", SMOKE_SILO_SHARE)
+    silos, silo_share = int(_get(report, "silos.clients", path)), _share(report, path, "silos", SMOKE_SILO_SHARE)
     together = max(1, min(silos, math.floor(1 / silo_share + 1e-9)))
-    speakers, speaker_share = int(_get(report, "speakers.clients", path)), _share(path, "speakers", SMOKE_SPEAKER_SHARE)
+    speakers = int(_get(report, "speakers.clients", path))
+    speaker_share = _share(report, path, "speakers", SMOKE_SPEAKER_SHARE)
     fit_sum = float(_get(report, "speakers.audio_trained_s", path)) / float(
         _get(report, "speakers.per_client_fit_audio_s_per_s", path))
     at_once = max(1, min(speakers, math.floor(1 / speaker_share + 1e-9)))

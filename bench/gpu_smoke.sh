@@ -8,11 +8,13 @@
 #
 # Stages: synth (40 speakers x 20 clips, the synth default) -> prepare -> partition (2 silos; 4 speaker-clients) ->
 # central (train-central, 1 epoch, on all train speakers: the seed) -> silos (federate cross-silo, 2 silos x 1
-# round, 0.5 GPU each) -> speakers (federate cross-device, 4 speaker-clients x 1 round, 0.25 GPU each) -> test
-# (beam-search decoding of test.csv with the seed). Printed per stage, and written to OUT_DIR/gpu_smoke.json: the
-# device each part ran on (as the stage itself reports it), seconds of audio trained per second, decoding
-# audio-seconds per second, and peak GPU memory (torch's peak per process, and the whole GPU's as nvidia-smi saw
-# it). Exit 2 without a usable GPU (unless --cpu-dry-run); 1 when a stage fails (its log: OUT_DIR/logs/STAGE.log).
+# round, 0.5 GPU each) -> speakers (federate cross-device, 4 speaker-clients x 1 round, 0.25 GPU each) -> clients50
+# (50 client fits in a row in one process, as a Ray worker trains them: the 4 speaker-clients in turn, each from the
+# seed; memory after each fit, to show none leaks from one client to the next) -> test (beam-search decoding of
+# test.csv with the seed). Printed per stage, and written to OUT_DIR/gpu_smoke.json: the device each part ran on (as
+# the stage itself reports it), seconds of audio trained per second, decoding audio-seconds per second, peak GPU
+# memory (torch's peak per process, and the whole GPU's as nvidia-smi saw it), and memory after client 1 and 50.
+# Exit 2 without a usable GPU (unless --cpu-dry-run); 1 when a stage fails (its log: OUT_DIR/logs/STAGE.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,14 +24,14 @@ while [ $# -gt 0 ]; do
     --cpu-dry-run) DRY=1 ;;
     --precision) PRECISION="$2"; shift ;;
     --precision=*) PRECISION="${1#*=}" ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_smoke: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT="$1" ;;
   esac
   shift
 done
-PY="${PYTHON:-python}"
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+PY="${PYTHON:-}"  # the interpreter: $PYTHON when set, else the repository's .venv, else python
+[ -z "$PY" ] && { PY=python; [ -x .venv/bin/python ] && PY=.venv/bin/python; }
 FEDASR=("$PY" -m fedasr.cli)
 
 if [ "$DRY" = 1 ]; then
@@ -102,6 +104,7 @@ run_stage silos "${FEDASR[@]}" federate hparams/fl/cross_silo.yaml --partition "
 run_stage speakers "${FEDASR[@]}" federate hparams/fl/cross_device.yaml --partition "$OUT/p_speakers" \
   --seed-checkpoint "$OUT/central/seed_checkpoint" --output-dir "$OUT/speakers" "${FL_COMMON[@]}" \
   --set clients_per_round=4 --set "client_num_gpus=$SPEAKER_GPUS"
+run_stage clients50 "$PY" bench/gpu_smoke_report.py --clients 50 "$OUT" "$DEVICE" "$PRECISION"
 run_stage test "$PY" bench/gpu_smoke_report.py --decode "$OUT" "$DEVICE" "$PRECISION"
 
 "$PY" bench/gpu_smoke_report.py --report "$OUT" "$DEVICE" "$PRECISION"

@@ -26,7 +26,6 @@ Model of the time (each part is a line of the printed assumptions):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -166,16 +165,16 @@ class Data:
 
 
 def manifest_hours(path: Path) -> tuple[float, int]:
-    if not path.is_file():
-        raise PlanError(f"{path}: manifest not found (--data needs a pipeline folder whose stage 3, partition, is done)")
+    """(hours, utterances) of a manifest, read by fedasr's own reader (its errors name the file and the line)."""
+    from fedasr.data.manifest import ManifestError, read_manifest
+
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            durations = [float(row["duration"]) for row in csv.DictReader(handle)]
-    except (KeyError, ValueError, TypeError) as err:
-        raise PlanError(f"{path}: not a fedasr manifest with a numeric duration column ({err!r})") from None
-    if not durations:
+        utterances = read_manifest(path)
+    except ManifestError as err:
+        raise PlanError(f"--data: {err}") from None
+    if not utterances:
         raise PlanError(f"{path}: the manifest is empty")
-    return sum(durations) / 3600, len(durations)
+    return sum(u.duration for u in utterances) / 3600, len(utterances)
 
 
 def data_from_folder(folder: Path) -> Data:

@@ -33,8 +33,9 @@ sys.path.insert(0, str(REPO))
 
 
 def audio_seconds(manifest: str | Path) -> float:
-    with open(manifest, newline="", encoding="utf-8") as handle:
-        return sum(float(row["duration"]) for row in csv.DictReader(handle))
+    from fedasr.data.manifest import read_manifest
+
+    return sum(utterance.duration for utterance in read_manifest(manifest))
 
 
 def resident_mib() -> float | None:

@@ -4,7 +4,6 @@ bench/gpu_smoke_report.py from a fake smoke folder) replace the published one.""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 import re
@@ -155,12 +154,12 @@ def test_writes_the_table_atomically(tmp_path, capsys):
 # ---- --from-smoke: a gpu_smoke.json written by bench/gpu_smoke_report.py ------------------------------------------
 
 def _csv(path: Path, durations: list[float]) -> None:
+    """A fedasr manifest of clips with these durations (the audio files need not exist: only hours are read)."""
+    from fedasr.data.manifest import Utterance, write_manifest
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "duration", "wav", "spk_id", "wrd"])
-        for i, seconds in enumerate(durations):
-            writer.writerow([f"u{i}", seconds, f"/x/u{i}.wav", f"s{i % 3}", "bonjour"])
+    write_manifest(path, [Utterance(ID=f"u{i}", duration=seconds, wav=f"/x/u{i}.wav", spk_id=f"s{i % 3}", wrd="bonjour")
+                          for i, seconds in enumerate(durations)], durable=False)
 
 
 def _partition(folder: Path, clients: list[list[float]], warmup: list[float]) -> None:

@@ -74,7 +74,7 @@ run_stage() {  # run_stage NAME CMD...: the command's output in logs/NAME.log; w
   if [ -n "$sampler" ]; then
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
-    peak=$(sort -n "$samples" | tail -1)
+    peak=$({ grep -E "^[0-9]+$" "$samples" || true; } | sort -n | tail -1)  # numbers only ([N/A] on some GPUs)
   fi
   if [ "$status" != 0 ]; then
     echo "gpu_smoke: stage $name failed (exit $status); the end of $OUT/logs/$name.log:" >&2

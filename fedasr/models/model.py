@@ -179,7 +179,7 @@ class AcousticModel(torch.nn.Module):
             vocab = tokenizer.pieces() + [f"<unused{i}>" for i in range(self.output_neurons - tokenizer.vocab_size)]
             self._searchers[key] = CTCPrefixBeamSearcher(blank_index=BLANK_ID, vocab_list=vocab,
                                                          beam_size=int(self.decoding["beam_size"]))
-        hyps = self._searchers[key](out.ctc_log_probs, out.rel_lengths)
+        hyps = self._searchers[key](out.ctc_log_probs.float(), out.rel_lengths)  # it reads them with numpy: no bf16
         return [" ".join(h[0].text.replace("<unk>", " ").split()) for h in hyps]
 
     def _searcher(self, mode: str) -> torch.nn.Module:

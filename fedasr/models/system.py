@@ -32,12 +32,18 @@ from fedasr.models.checkpoint import HPARAMS_FILENAME, check_checkpoint, load_mo
 from fedasr.models.dataio import make_dataset
 from fedasr.models.hparams import build_from_text
 from fedasr.models.model import DECODING_MODES, AcousticModel, build_acoustic_model
+from fedasr.models.rnn_precision import keep_rnns_in_fp32
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer
 from fedasr.utils.device import autocast, check_precision, loader_options, release_gpu_memory, resolve_device
 
 
 class StateDictMismatch(ValueError):
     """A state dict that does not fit the model (other architecture or vocabulary)."""
+
+
+FP16_INIT_SCALE = 2.0**10  # a client's fp16 loss scale at the start of each fit. The Brain is new every fit, and
+# torch's default (2**16) is found too high by halving it on every overflowing step, each skipped: a speaker-client
+# with a dozen steps could lose most of them. 2**10 leaves gradients down to ~6e-11 representable.
 
 
 class SpeechBrainASRSystem:
@@ -48,6 +54,7 @@ class SpeechBrainASRSystem:
         self.device = resolve_device(device)
         self.precision = check_precision(precision, self.device)
         self.model = model.to(self.device)
+        keep_rnns_in_fp32(self.model, self.device, self.precision)  # bf16 on CUDA: no unscaled fp16 LSTMs
         self.tokenizer = tokenizer
         self.hparams = hparams
         self.meta = dict(meta or {})
@@ -115,6 +122,8 @@ class SpeechBrainASRSystem:
                       "max_grad_norm": float(self.hparams.get("max_grad_norm", 5.0))},
             checkpointer=None,
         )
+        if brain.scaler.is_enabled():  # fp16 on CUDA: start near a working scale (see FP16_INIT_SCALE)
+            brain.scaler = torch.GradScaler(self.device, init_scale=FP16_INIT_SCALE)
         brain.train_sampler = sampler  # Brain.fit calls set_epoch on it: a new order every epoch
         try:
             brain.fit(sb.utils.epoch_loop.EpochCounter(epochs), loader, progressbar=False)
@@ -125,7 +134,7 @@ class SpeechBrainASRSystem:
             del brain, anchor
             self.model.zero_grad(set_to_none=True)
             self.model.eval()
-            release_gpu_memory(self.device)
+            self.release_batch_state()
         return FitResult(train_loss=float(sum(losses) / len(losses)) if losses else float("nan"),
                          num_examples=len(dataset), seconds=time.perf_counter() - start)
 
@@ -151,7 +160,16 @@ class SpeechBrainASRSystem:
                 loss_sum += float(loss) * len(batch.id)
                 count += len(batch.id)
                 rows.extend(batch_rows(batch, hyps))
+        self.release_batch_state()  # the server decodes on the GPU its clients share
         return rows, loss_sum / max(count, 1)
+
+    def release_batch_state(self) -> None:
+        """Drop what the last batch left behind: the attention's cached projection of that batch's encoder states
+        and its mask (SpeechBrain keeps them until the next forward), and on CUDA the allocator's cached blocks."""
+        attention = getattr(self.model.roles["decoder"], "attn", None) if self.model.has_decoder else None
+        if attention is not None and hasattr(attention, "reset"):
+            attention.reset()
+        release_gpu_memory(self.device)
 
     def evaluate(self, manifest: str | Path, *, decoding: str = "greedy", max_utterances: int | None = None,
                  per_utterance: bool = False) -> EvalResult:

@@ -38,10 +38,11 @@ from fedasr.models.checkpoint import check_checkpoint, check_resume_fits, export
 from fedasr.models.dataio import make_dataset, manifest_sentences
 from fedasr.models.hparams import Experiment, HparamsError, load_experiment
 from fedasr.models.model import build_acoustic_model, count_parameters
+from fedasr.models.rnn_precision import keep_rnns_in_fp32
 from fedasr.models.tokenizer import TOKENIZER_FILENAME, Tokenizer, train_tokenizer
 from fedasr.report.energy import track_energy
 from fedasr.report.round_log import TENSORBOARD_DIR, StepTensorboardLogger, TrainLoggers, tensorboard_available
-from fedasr.utils.device import check_precision, peak_gpu_memory, resolve_device
+from fedasr.utils.device import check_precision, loader_options, peak_gpu_memory, resolve_device
 from fedasr.utils.io import atomic_open, atomic_write_json, atomic_write_text
 from fedasr.utils.preflight import check_writable, space_for_parameters
 
@@ -153,10 +154,12 @@ def train_central(experiment_file: str | os.PathLike, overrides: Sequence[str] |
         for split in ("train", "dev", "test")
     }
     brain = build_brain(experiment, tokenizer, out_dir, device=device, progressbar=progressbar, run_opts=run_opts)
+    keep_rnns_in_fp32(brain.modules.model, device, run_opts.get("precision", "fp32"))  # bf16 on CUDA
     if hp.get("init_from"):
         start_from_checkpoint(brain.modules.model, hp["init_from"])
-    loader = {"batch_size": int(hp["batch_size"]), "shuffle": hp["sorting"] == "random"}
-    eval_loader = {"batch_size": int(hp["eval_batch_size"])}
+    feeding = loader_options(device, hp.get("num_workers", "auto"))  # workers and pinned memory on a GPU
+    loader = {"batch_size": int(hp["batch_size"]), "shuffle": hp["sorting"] == "random", **feeding}
+    eval_loader = {"batch_size": int(hp["eval_batch_size"]), **feeding}
     with track_energy(out_dir):  # energy.json, when codecarbon is installed
         brain.fit(brain.hparams.epoch_counter, datasets["train"], datasets["dev"],
                   train_loader_kwargs=dict(loader), valid_loader_kwargs=dict(eval_loader))

@@ -356,20 +356,18 @@ def test_central_device_requests_that_cannot_be_met_are_refused_when_the_config_
 # ---------------------------------------------------------------------------------------------- models on the device
 
 
-@pytest.fixture(scope="module")
-def tiny_system_inputs(tmp_path_factory):
-    """A ctc_tiny seed checkpoint (tokenizer of 30 pieces) and a 4-utterance manifest of tones."""
+def _tiny_seed_and_manifest(root: Path, model_name: str) -> tuple[Path, Path]:
+    """A seed checkpoint of ``model_name`` (tokenizer of 30 pieces) and a 4-utterance manifest of tones."""
     from fedasr.data.manifest import Utterance, write_manifest
     from fedasr.models.checkpoint import export_checkpoint
     from fedasr.models.hparams import load_experiment
     from fedasr.models.model import build_acoustic_model
     from fedasr.models.tokenizer import train_tokenizer
 
-    root = tmp_path_factory.mktemp("device_system")
     sentences = ["le chat dort", "la pluie tombe", "un vent froid", "mon ami chante"]
     exp = load_experiment(REPO / "hparams/CommonVoice/synth.yaml",
-                          [f"--output_folder={root}", f"--manifest_folder={root}", "--model=ctc_tiny"])
-    model = build_acoustic_model(exp.hparams, source="ctc_tiny")
+                          [f"--output_folder={root}", f"--manifest_folder={root}", f"--model={model_name}"])
+    model = build_acoustic_model(exp.hparams, source=model_name)
     model.train()
     model(torch.randn(2, 16000) * 0.1, torch.ones(2), epoch=1)  # the normaliser's statistics
     tokenizer = train_tokenizer(sentences * 10, root / "tok" / "tokenizer.model", vocab_size=30)
@@ -384,6 +382,30 @@ def tiny_system_inputs(tmp_path_factory):
         rows.append(Utterance(ID=f"u{i}", duration=0.6, wav=str(wav), spk_id=f"s{i % 2}", wrd=sentence))
     write_manifest(root / "train.csv", rows)
     return seed, root / "train.csv"
+
+
+@pytest.fixture(scope="module")
+def tiny_system_inputs(tmp_path_factory):
+    """A ctc_tiny seed checkpoint and its 4-utterance manifest."""
+    return _tiny_seed_and_manifest(tmp_path_factory.mktemp("device_system"), "ctc_tiny")
+
+
+def test_a_system_with_an_attention_decoder_keeps_no_batch_after_training_or_decoding(tmp_path):
+    """SpeechBrain's attention caches the last batch's encoder projection and mask until its next forward; on a
+    GPU the server would hold the batch of a beam-search decode, a client the last batch of its training."""
+    from fedasr.models.system import SpeechBrainASRSystem
+
+    seed, manifest = _tiny_seed_and_manifest(tmp_path, "crdnn_tiny")
+    system = SpeechBrainASRSystem.from_checkpoint(seed, device="cpu")
+    attention = system.model.roles["decoder"].attn
+
+    def cached():
+        return [name for name in ("precomputed_enc_h", "mask", "prev_attn") if getattr(attention, name, None) is not None]
+
+    system.fit(manifest, epochs=1, lr=0.05, batch_size=2, seed=1, optimizer="adam")
+    assert cached() == []
+    assert system.evaluate(manifest, decoding="beam").num_utterances == 4
+    assert cached() == []
 
 
 def test_cpu_reaches_the_model_and_a_fit_leaves_nothing_for_the_next_client(tiny_system_inputs):
@@ -457,6 +479,42 @@ def test_bf16_training_and_decoding_on_the_cpu_keep_fp32_weights(tiny_system_inp
     state = system.state_dict()
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float32}  # what travels stays fp32
     assert system.evaluate(manifest, decoding="greedy").num_utterances == 4
+    assert system.evaluate(manifest, decoding="beam").num_utterances == 4  # CTC prefix beam search reads fp32 numpy
+
+
+def test_rnns_run_in_fp32_under_autocast_with_the_same_parameters():
+    """keep_rnns_in_fp32 (bf16 on CUDA: cuDNN would run the LSTMs in unscaled fp16) exercised on the CPU: under a
+    bf16 autocast the changed LSTM computes in fp32, exactly as without autocast; its state dict and parameters
+    are the module's own."""
+    import copy
+
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from fedasr.models.rnn_precision import LSTMInFp32, keep_rnns_in_fp32, rnns_run_in_fp32
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LSTM(8, 16, batch_first=True, bidirectional=True))
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        expected = model[1](model[0](x))[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model[1](model[0](x))[0].dtype == torch.bfloat16  # oneDNN's bf16 LSTM on the CPU
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+
+    assert keep_rnns_in_fp32(model, "cpu", "bf16") == 0 and keep_rnns_in_fp32(model, "cuda:0", "fp16") == 0
+    assert keep_rnns_in_fp32(model, "cuda:0", "bf16") == 1 and isinstance(model[1], LSTMInFp32)
+    assert rnns_run_in_fp32(model) == 0  # once is enough
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    with torch.no_grad():
+        assert torch.equal(model[1](model[0](x))[0], expected)  # no autocast: as before
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            hidden = model[0](x)
+            assert hidden.dtype == torch.bfloat16  # the rest of the model stays under autocast
+            out = model[1](hidden)[0]
+            packed = model[1](pack_padded_sequence(hidden, torch.tensor([5, 3]), batch_first=True))[0]
+    assert out.dtype == torch.float32 and packed.data.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=0.05)  # only the bf16 Linear before it differs
+    assert isinstance(copy.deepcopy(model)[1], LSTMInFp32)
 
 
 def test_loader_options_keep_the_cpu_for_training_and_feed_a_gpu():

@@ -408,6 +408,22 @@ def test_a_system_with_an_attention_decoder_keeps_no_batch_after_training_or_dec
     assert cached() == []
 
 
+def test_crdnn_trains_and_decodes_at_bf16_with_its_lstms_in_fp32(tmp_path):
+    """What keep_rnns_in_fp32 does to a bf16 system on CUDA, done on the CPU: SpeechBrain's LSTM wrapper (packed
+    sequences, flattened weights) runs the swapped modules; training and beam search work, weights stay fp32."""
+    from fedasr.models.rnn_precision import LSTMInFp32, rnns_run_in_fp32
+    from fedasr.models.system import SpeechBrainASRSystem
+
+    seed, manifest = _tiny_seed_and_manifest(tmp_path, "crdnn_tiny")
+    system = SpeechBrainASRSystem.from_checkpoint(seed, device="cpu", precision="bf16")
+    assert rnns_run_in_fp32(system.model) >= 1
+    assert any(isinstance(m, LSTMInFp32) for m in system.model.modules())
+    result = system.fit(manifest, epochs=1, lr=0.05, batch_size=2, seed=1, optimizer="adam")
+    assert result.train_loss == result.train_loss  # finite
+    assert {v.dtype for v in system.state_dict().values() if v.is_floating_point()} == {torch.float32}
+    assert system.evaluate(manifest, decoding="beam").num_utterances == 4
+
+
 def test_cpu_reaches_the_model_and_a_fit_leaves_nothing_for_the_next_client(tiny_system_inputs):
     from fedasr.models.system import SpeechBrainASRSystem
 

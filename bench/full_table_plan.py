@@ -171,7 +171,7 @@ def manifest_hours(path: Path) -> tuple[float, int]:
     try:
         utterances = read_manifest(path)
     except ManifestError as err:
-        raise PlanError(f"--data: {err}") from None
+        raise PlanError(f"--data: {err} (--data needs a pipeline folder whose stage 3, partition, is done)") from None
     if not utterances:
         raise PlanError(f"{path}: the manifest is empty")
     return sum(u.duration for u in utterances) / 3600, len(utterances)

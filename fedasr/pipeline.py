@@ -173,7 +173,7 @@ def check_pipeline_settings(config: dict, *, source: str, complete: bool = True)
 def check_pipeline_references(config: dict, *, source: str) -> None:
     """What the pipeline config points at: the experiment and model YAMLs (and the keys ``warmup`` / ``central``
     override in them), the fl hparams with their ``set`` overrides, the report's device profile and grid."""
-    from fedasr.fl.simulation import check_simulation_devices
+    from fedasr.fl.simulation import check_simulation_devices, ray_address
     from fedasr.models.hparams import compose_yaml, override_schema
     from fedasr.report.energy import device_profile, grid_intensity
     from fedasr.utils.device import DeviceError
@@ -198,9 +198,14 @@ def check_pipeline_references(config: dict, *, source: str) -> None:
                        error=PipelineError)
     for name in ("cross_silo", "cross_device"):
         try:  # every key and value, strategy settings included (a trial build), and the devices it asks for
-            check_simulation_devices(fl_settings(config, name)[0], source=f"{name}.hparams")
+            fl = fl_settings(config, name)[0]
+            check_simulation_devices(fl, source=f"{name}.hparams")
         except (ValueError, DeviceError) as err:
             raise PipelineError(f"{source}: {name}.hparams / {name}.set: {err}") from None
+        if config.get("central_device") and ray_address(fl) is not None:
+            raise PipelineError(f"{source}: central_device {config['central_device']!r} with {name} on the Ray "
+                                f"cluster at {ray_address(fl)}: the pipeline can keep this machine's GPU from its "
+                                "own stages, not from the cluster's workers. Set central_device: null")
     try:
         device_profile(config["compare"].get("profile", "v100"))
         grid_intensity(config["compare"].get("grid", "france"))
@@ -558,8 +563,8 @@ def central_starts_from_warmup(config: dict) -> bool:
 
 def central_beside_warmup(config: dict) -> bool:
     """Whether the centralized baseline trains beside the warm-up and the federated stages (setting
-    ``central_beside_warmup``): never when it starts from the warm-up's model; ``auto``: on the CPU when the
-    cores hold two trainings (2 x ``threads``)."""
+    ``central_beside_warmup``): never when it starts from the warm-up's model; ``auto``: when it has a GPU of its
+    own (``central_device``), or on the CPU when the cores hold two trainings (2 x ``threads``)."""
     from fedasr.utils.device import resolve_device, usable_cores
 
     choice = config["central_beside_warmup"]
@@ -584,11 +589,20 @@ def check_central_device(config: dict) -> None:
         raise DeviceError(f"central_device must name a GPU (cuda:N) the centralized baseline trains on beside the "
                           f"other stages, got {request!r}; null: the pipeline's device")
     central = resolve_device(request, what="central_device")
-    rest = resolve_device(config["device"], what="device")
-    if not rest.startswith("cuda") or rest == central:
-        raise DeviceError(f"central_device {request!r} must be a GPU other than the other stages' (device "
-                          f"{config['device']!r} -> {rest}): e.g. device: cuda (GPU 0) and central_device: "
-                          f"cuda:{visible_gpus() - 1}")
+    if visible_gpus() < 2:
+        raise DeviceError(f"central_device {request!r} needs 2 GPUs or more (one for the baseline, the others for "
+                          f"the other stages); this machine has {visible_gpus()}: set central_device: null")
+    asked = {"device": config["device"]}
+    asked.update({f"{name}.set.device": ((config.get(name) or {}).get("set") or {}).get("device")
+                  for name in ("cross_silo", "cross_device")})
+    for key, device in asked.items():
+        if device is None:
+            continue
+        other = resolve_device(device, what=key)
+        if not other.startswith("cuda") or other == central:
+            raise DeviceError(f"central_device {request!r} must be a GPU other than the other stages' ({key} "
+                              f"{device!r} -> {other}): e.g. device: cuda (GPU 0) and central_device: "
+                              f"cuda:{visible_gpus() - 1}")
     if config["central_beside_warmup"] is False or central_starts_from_warmup(config):
         raise DeviceError(f"central_device {request!r} trains the baseline beside the other stages, but "
                           + ("central_beside_warmup is false" if config["central_beside_warmup"] is False
@@ -596,14 +610,15 @@ def check_central_device(config: dict) -> None:
                           + ": set central_device: null, or let it run beside")
 
 
-def federated_device(config: dict) -> str:
-    """``device`` as a federated stage names it: without the centralized baseline's GPU in its
-    CUDA_VISIBLE_DEVICES (:func:`gpus_without_central`), ``cuda:N`` past that GPU is ``cuda:N-1`` there."""
+def federated_device(config: dict, device: str) -> str:
+    """``device`` (the pipeline's, or a federated section's own) as a federated stage names it: without the
+    centralized baseline's GPU in its CUDA_VISIBLE_DEVICES (:func:`gpus_without_central`), ``cuda:N`` past that
+    GPU is ``cuda:N-1`` there."""
     from fedasr.utils.device import parse_device
 
-    kind, index = parse_device(config["device"])
+    kind, index = parse_device(device)
     if not config.get("central_device") or kind != "cuda" or index is None:
-        return config["device"]
+        return device
     return f"cuda:{index - (index > parse_device(config['central_device'])[1])}"
 
 
@@ -617,8 +632,8 @@ def gpus_without_central(config: dict) -> list[str] | None:
         return None
     index = parse_device(config["central_device"])[1]
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    entries = ([e.strip() for e in visible.split(",") if e.strip()] if visible is not None
-               else [str(i) for i in range(visible_gpus())])
+    entries = ([e.strip() for e in visible.split(",")] if visible is not None
+               else [str(i) for i in range(visible_gpus())])[:visible_gpus()]  # CUDA uses the valid ones only
     return [entry for position, entry in enumerate(entries) if position != index]
 
 
@@ -665,7 +680,8 @@ def fl_settings(config: dict, name: str, fitted: dict | None = None, num_clients
 
     section = config[name]
     explicit = section.get("set") or {}
-    overrides = deep_merge({"device": federated_device(config), "precision": config["precision"]}, explicit)
+    overrides = deep_merge({"device": config["device"], "precision": config["precision"]}, explicit)
+    overrides["device"] = federated_device(config, overrides["device"])  # as its CUDA_VISIBLE_DEVICES numbers it
     overrides = deep_merge(overrides, {"seed": int(config["seed"]), **(fitted or {})})
     fl_config = load_fl_config(repo_path(section["hparams"]), overrides)
     others = gpus_without_central(config)

@@ -123,7 +123,7 @@ class SpeechBrainASRSystem:
             checkpointer=None,
         )
         if brain.scaler.is_enabled():  # fp16 on CUDA: start near a working scale (see FP16_INIT_SCALE)
-            brain.scaler = torch.GradScaler(self.device, init_scale=FP16_INIT_SCALE)
+            brain.scaler = torch.amp.GradScaler("cuda", init_scale=FP16_INIT_SCALE)
         brain.train_sampler = sampler  # Brain.fit calls set_epoch on it: a new order every epoch
         try:
             brain.fit(sb.utils.epoch_loop.EpochCounter(epochs), loader, progressbar=False)

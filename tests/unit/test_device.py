@@ -334,6 +334,11 @@ def test_central_on_a_gpu_of_its_own_beside_stages_that_leave_it_alone(fake_gpus
     config = load_pipeline_config(recipe, {"device": "cuda:2", "central_device": "cuda:1"})
     assert pipeline.federate_environment(config)["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-c"
     assert pipeline.fl_settings(config, "cross_silo", num_clients=10)[0].device == "cuda:1"  # GPU-c among the two
+    # A section's own device is renumbered the same way.
+    config = load_pipeline_config(recipe, {"device": "cuda:0", "central_device": "cuda:1",
+                                           "cross_silo": {"set": {"device": "cuda:2"}}})
+    assert pipeline.fl_settings(config, "cross_silo", num_clients=10)[0].device == "cuda:1"
+    assert pipeline.fl_settings(config, "cross_device", num_clients=10)[0].device == "cuda:0"
 
 
 @pytest.mark.parametrize("overrides, says", [
@@ -344,11 +349,17 @@ def test_central_on_a_gpu_of_its_own_beside_stages_that_leave_it_alone(fake_gpus
     ({"central_device": "cuda:2"}, "names GPU 2 but only cuda:0..cuda:1 are visible"),
     ({"central_device": "cuda:1", "central_beside_warmup": False}, "central_beside_warmup is false"),
     ({"central_device": "cuda:1", "central": {"init_from": "warmup"}}, "central.init_from is warmup"),
+    ({"central_device": "cuda:1", "cross_silo": {"set": {"device": "cuda:1"}}},
+     "other than the other stages' (cross_silo.set.device 'cuda:1'"),
+    ({"central_device": "cuda:1", "cross_device": {"set": {"ray_address": "10.0.0.1:6379", "client_num_gpus": 0.5}}},
+     "with cross_device on the Ray cluster at 10.0.0.1:6379"),
 ])
-def test_central_device_requests_that_cannot_be_met_are_refused_when_the_config_loads(fake_gpus, overrides, says):
+def test_central_device_requests_that_cannot_be_met_are_refused_when_the_config_loads(fake_gpus, monkeypatch,
+                                                                                        overrides, says):
     from fedasr.pipeline import PipelineError, load_pipeline_config
 
     fake_gpus(2)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(PipelineError, match=re.escape(says)):
         load_pipeline_config(REPO / "hparams/pipeline/commonvoice.yaml", {"device": "cuda", **overrides})
 

@@ -15,7 +15,8 @@ Model of the time (each part is a line of the printed assumptions):
   device (fedasr/models/train.py refuses SpeechBrain's data-parallel and distributed options), so their wall time
   is their GPU-hours on any number of GPUs.
 - A federated round is simulated: Ray gives each client client_num_gpus of one GPU, so GPUs / client_num_gpus
-  train at once (filling one GPU's slots before the next, assumed); the others wait for a free slot. A client
+  train at once (filling one GPU's slots before the next, as bench/ray_gpu_placement.py finds Ray and Flower do);
+  the others wait for a free slot. A client
   spends a per-client overhead off the GPU (model transfer, data loader start-up), then computes; clients on one
   GPU share its speed (sharing adds no compute: two clients each train at about half speed). Rounds run in turn;
   the client_num_gpus of each row is the one with the shortest round (or the recipe's, when it sets one).
@@ -355,8 +356,8 @@ SHARES = (1.0, 0.5, 0.33, 0.25)  # client_num_gpus tried: 1 to 4 clients per GPU
 def round_hours(clients_h: list[float], gpus: int, share: float, overhead_h: float) -> float:
     """Wall hours of one round, simulated. clients_h: each client's compute in hours of a whole GPU, in the order
     Flower hands them out. Ray gives a client ``share`` of one GPU, so each GPU has floor(1 / share) slots, taken
-    GPU 0 first, then GPU 1, ... (Ray's first fit of fractional GPUs, assumed: spreading them would only shorten the
-    round); a client waits for a free slot. A client first spends ``overhead_h`` off the GPU (model transfer, data
+    GPU 0 first, then GPU 1, ... (Ray packs fractional GPUs and Flower hands a round's jobs to consecutive actors:
+    bench/ray_gpu_placement.py); a client waits for a free slot. A client first spends ``overhead_h`` off the GPU (model transfer, data
     loader start-up), then computes; clients computing on one GPU share its speed equally (sharing adds no compute).
     """
     per_gpu = max(1, math.floor(1 / min(share, 1.0) + 1e-9))
@@ -504,9 +505,9 @@ def render(recipe: Recipe, data: Data, rates: Rates, rows: list[dict], gpus: lis
         "warm-up (central_beside_warmup auto is false there), on the same `device`, unless `central_device` gives it "
         "a GPU of its own",
         "federated: clients in parallel = GPUs / client_num_gpus (and cores / client_num_cpus: at least one core per "
-        "client assumed), the others waiting for a free slot; they fill one GPU's slots before the next (assumed "
-        "from Ray's first fit of fractional GPUs and Flower handing clients to its actors in order; if Ray spreads "
-        "them, rounds are shorter); each client spends the per-client overhead off the GPU, then computes, and a GPU "
+        "client assumed), the others waiting for a free slot; they fill one GPU's slots before the next (Ray "
+        "2.55 packs fractional-GPU actors and Flower's pool hands a round's jobs to consecutive ones: with 0.25 on 8 "
+        "GPUs, 10 jobs put 4 clients on one GPU; bench/ray_gpu_placement.py); each client spends the per-client overhead off the GPU, then computes, and a GPU "
         "computing for n clients trains each at 1/n speed; rounds in turn (simulated round by round)",
         "GPU memory is not modeled: clients per GPU x the client's peak (gpu_smoke.json: "
         "silos.client_torch_peak_mib) must fit the GPU",

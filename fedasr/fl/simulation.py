@@ -40,6 +40,9 @@ _ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "HF_HUB_OFFLINE": "1",
+    # A client with client_num_gpus 0 sees no GPU (Ray empties its CUDA_VISIBLE_DEVICES): Ray 2.55 does this by
+    # default and announces the opposite default for later versions, under which such clients would pick GPU 0.
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1",
 }
 
 

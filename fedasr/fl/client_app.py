@@ -109,10 +109,17 @@ def train_on_partition(arrays, config, partition: str, partition_id: int, node_c
     cached.load_global(arrays)
     peak_gpu_memory(device, reset=True)  # None on the CPU
     started = time.perf_counter()
-    result = cached.system.fit(client["train"], epochs=int(config[LOCAL_EPOCHS]), lr=float(config[LR]),
-                               batch_size=int(config[BATCH_SIZE]), seed=client_seed(int(config[SEED]), partition_id),
-                               proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
-                               optimizer=str(config.get(OPTIMIZER, "sgd")), momentum=float(config.get(MOMENTUM, 0.0)))
+    try:
+        result = cached.system.fit(
+            client["train"], epochs=int(config[LOCAL_EPOCHS]), lr=float(config[LR]), batch_size=int(config[BATCH_SIZE]),
+            seed=client_seed(int(config[SEED]), partition_id), proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+            optimizer=str(config.get(OPTIMIZER, "sgd")), momentum=float(config.get(MOMENTUM, 0.0)))
+    except torch.cuda.OutOfMemoryError as err:  # the reply's error reason, in metrics.jsonl's `failed`
+        raise RuntimeError(
+            f"client {partition_id}: out of GPU memory on {device} (batch_size {config[BATCH_SIZE]}, precision "
+            f"{config.get(PRECISION, 'fp32')}): clients sharing a GPU each hold the model, its gradients, optimizer "
+            "state and activations. Give each client more of a GPU (client_num_gpus 0.5 or 1), or lower batch_size, "
+            f"or train at precision bf16. torch: {str(err).splitlines()[0]}") from None
     metrics = {NUM_EXAMPLES: int(result.num_examples), TRAIN_LOSS: float(result.train_loss),
                PARTITION_ID: int(partition_id), FIT_SECONDS: time.perf_counter() - started}
     peak = peak_gpu_memory(device)

@@ -470,6 +470,35 @@ def test_system_refuses_cuda_before_reading_the_checkpoint(tmp_path):
         SpeechBrainASRSystem.from_checkpoint(tmp_path / "missing", device="cpu", precision="fp16")
 
 
+def test_a_client_out_of_gpu_memory_fails_its_reply_with_the_fix(monkeypatch):
+    """Logic (no GPU here): a CUDA out-of-memory error in a client's fit becomes the reply's error reason (what
+    metrics.jsonl lists under `failed`), naming the client, the device and the settings that free memory. The real
+    fit path on the CPU is the federated tests'."""
+    from fedasr.fl import client_app
+
+    class OutOfMemory:
+        def fit(self, *args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79 GiB total)")
+
+    class Cached:
+        system = OutOfMemory()
+
+        def load_global(self, arrays):
+            pass
+
+    monkeypatch.setattr(client_app, "client_for", lambda partition, partition_id: {"train": "train.csv"})
+    monkeypatch.setattr(client_app, "cached_system", lambda *args: Cached())
+    from fedasr.fl import protocol as p
+
+    config = {p.SYSTEM: "x:Y", p.SEED_CHECKPOINT: "seed", p.LOCAL_EPOCHS: 1, p.LR: 0.1, p.BATCH_SIZE: 8, p.SEED: 1,
+              p.DEVICE: "cpu", p.PRECISION: "bf16"}
+    with pytest.raises(RuntimeError) as raised:
+        client_app.train_on_partition(None, config, "part", 3)
+    message = str(raised.value)
+    assert message.startswith("client 3: out of GPU memory on cpu (batch_size 8, precision bf16)")
+    assert "client_num_gpus 0.5 or 1" in message and "Tried to allocate 2.00 GiB" in message
+
+
 def test_client_builds_its_system_on_the_resolved_device(monkeypatch):
     """The ClientApp passes the resolved device (and a non-default precision) to the system it caches."""
     from fedasr.fl import client_app

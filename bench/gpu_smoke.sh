@@ -5,6 +5,7 @@
 #   bench/gpu_smoke.sh [OUT_DIR]                     # on a GPU machine: demo corpus, full-size crdnn
 #   bench/gpu_smoke.sh --precision bf16 [OUT_DIR]    # the same under autocast (fp16: also gradient scaling)
 #   bench/gpu_smoke.sh --cpu-dry-run [OUT_DIR]       # the plumbing on a CPU: tiny corpus, ctc_tiny, device cpu
+#   bench/gpu_smoke.sh --clients 20 [OUT_DIR]        # fewer sequential clients (default 50): a shorter run
 #
 # Stages: synth (40 speakers x 20 clips, the synth default) -> prepare -> partition (2 silos; 4 speaker-clients) ->
 # central (train-central, 1 epoch, on all train speakers: the seed) -> silos (federate cross-silo, 2 silos x 1
@@ -18,18 +19,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DRY=0 PRECISION=fp32 OUT=""
+DRY=0 PRECISION=fp32 OUT="" CLIENTS=50
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-dry-run) DRY=1 ;;
     --precision) PRECISION="$2"; shift ;;
     --precision=*) PRECISION="${1#*=}" ;;
-    -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --clients) CLIENTS="$2"; shift ;;
+    --clients=*) CLIENTS="${1#*=}" ;;
+    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "gpu_smoke: unknown option $1 (see --help)" >&2; exit 2 ;;
     *) OUT="$1" ;;
   esac
   shift
 done
+[[ "$CLIENTS" =~ ^[1-9][0-9]*$ ]] || { echo "gpu_smoke: --clients takes a count >= 1, got '$CLIENTS'" >&2; exit 2; }
 PY="${PYTHON:-}"  # the interpreter: $PYTHON when set, else the repository's .venv, else python
 [ -z "$PY" ] && { PY=python; [ -x .venv/bin/python ] && PY=.venv/bin/python; }
 FEDASR=("$PY" -m fedasr.cli)
@@ -104,7 +108,7 @@ run_stage silos "${FEDASR[@]}" federate hparams/fl/cross_silo.yaml --partition "
 run_stage speakers "${FEDASR[@]}" federate hparams/fl/cross_device.yaml --partition "$OUT/p_speakers" \
   --seed-checkpoint "$OUT/central/seed_checkpoint" --output-dir "$OUT/speakers" "${FL_COMMON[@]}" \
   --set clients_per_round=4 --set "client_num_gpus=$SPEAKER_GPUS"
-run_stage clients50 "$PY" bench/gpu_smoke_report.py --clients 50 "$OUT" "$DEVICE" "$PRECISION"
+run_stage "clients$CLIENTS" "$PY" bench/gpu_smoke_report.py --clients "$CLIENTS" "$OUT" "$DEVICE" "$PRECISION"
 run_stage test "$PY" bench/gpu_smoke_report.py --decode "$OUT" "$DEVICE" "$PRECISION"
 
 "$PY" bench/gpu_smoke_report.py --report "$OUT" "$DEVICE" "$PRECISION"

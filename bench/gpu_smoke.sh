@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke benchmark (issue 14): every stage of the recipe on one GPU, in under 5 minutes, with what each stage
-# actually ran on and how fast.
+# GPU smoke benchmark (issue 14): every stage of the recipe on one GPU (aimed at 5 minutes; never timed on a GPU yet,
+# estimated 6-7: --clients 20 shortens it), with what each stage actually ran on and how fast.
 #
 #   bench/gpu_smoke.sh [OUT_DIR]                     # on a GPU machine: demo corpus, full-size crdnn
 #   bench/gpu_smoke.sh --precision bf16 [OUT_DIR]    # the same under autocast (fp16: also gradient scaling)

@@ -267,17 +267,10 @@ def _get(report: dict, dotted: str, path: Path):
     return value
 
 
-def _share(report: dict, smoke: Path, stage: str, default: float) -> float:
-    """The client_num_gpus a smoke stage ran with: the report's (gpu_smoke.json records it), else the stage's
-    fl_config.json beside it (reports written before), else gpu_smoke.sh's setting."""
+def _share(report: dict, stage: str, default: float) -> float:
+    """The client_num_gpus a smoke stage ran with (gpu_smoke.json records it), else gpu_smoke.sh's setting."""
     recorded = (report.get(stage) or {}).get("client_num_gpus")
-    if isinstance(recorded, (int, float)) and recorded > 0:
-        return float(recorded)
-    config = smoke.parent / stage / "fl_config.json"
-    try:
-        return float(json.loads(config.read_text())["config"]["client_num_gpus"]) or default
-    except (OSError, ValueError, KeyError, TypeError):
-        return default
+    return float(recorded) if isinstance(recorded, (int, float)) and recorded > 0 else default
 
 
 def smoke_rates(path: Path, model: str) -> Rates:
@@ -298,10 +291,10 @@ def smoke_rates(path: Path, model: str) -> Rates:
         raise PlanError(f"{path}: measured with model {measured_model!r}, the recipe trains {model!r}")
     central = float(_get(report, "central.train_audio_s_per_s", path))
     per_client = float(_get(report, "silos.per_client_fit_audio_s_per_s", path))
-    silos, silo_share = int(_get(report, "silos.clients", path)), _share(report, path, "silos", SMOKE_SILO_SHARE)
+    silos, silo_share = int(_get(report, "silos.clients", path)), _share(report, "silos", SMOKE_SILO_SHARE)
     together = max(1, min(silos, math.floor(1 / silo_share + 1e-9)))
     speakers = int(_get(report, "speakers.clients", path))
-    speaker_share = _share(report, path, "speakers", SMOKE_SPEAKER_SHARE)
+    speaker_share = _share(report, "speakers", SMOKE_SPEAKER_SHARE)
     fit_sum = float(_get(report, "speakers.audio_trained_s", path)) / float(
         _get(report, "speakers.per_client_fit_audio_s_per_s", path))
     at_once = max(1, min(speakers, math.floor(1 / speaker_share + 1e-9)))
@@ -357,8 +350,8 @@ def round_hours(clients_h: list[float], gpus: int, share: float, overhead_h: flo
     """Wall hours of one round, simulated. clients_h: each client's compute in hours of a whole GPU, in the order
     Flower hands them out. Ray gives a client ``share`` of one GPU, so each GPU has floor(1 / share) slots, taken
     GPU 0 first, then GPU 1, ... (Ray packs fractional GPUs and Flower hands a round's jobs to consecutive actors:
-    bench/ray_gpu_placement.py); a client waits for a free slot. A client first spends ``overhead_h`` off the GPU (model transfer, data
-    loader start-up), then computes; clients computing on one GPU share its speed equally (sharing adds no compute).
+    bench/ray_gpu_placement.py); a client waits for a free slot. A client first spends ``overhead_h`` off the GPU
+    (model transfer, data loader start-up), then computes; clients computing on one GPU share its speed equally (sharing adds no compute).
     """
     per_gpu = max(1, math.floor(1 / min(share, 1.0) + 1e-9))
     queue, running, now = list(clients_h), {}, 0.0  # running: slot -> [overhead left, compute left]

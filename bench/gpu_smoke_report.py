@@ -142,15 +142,11 @@ def decode(out: Path, device: str, precision: str) -> None:
     print(json.dumps(result))
 
 
-def finite_or_none(value: str | float) -> float | None:
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 def stage_table(out: Path) -> dict[str, dict]:
-    """Per stage: wall seconds and the whole GPU's peak MiB (None without nvidia-smi: the CPU dry run)."""
+    """Per stage: wall seconds and the whole GPU's peak MiB (NaN without nvidia-smi, the CPU dry run; null in
+    gpu_smoke.json, see :func:`strict`)."""
     with open(out / "stages.tsv", newline="", encoding="utf-8") as handle:
-        return {r["stage"]: {"seconds": float(r["seconds"]), "gpu_peak_mib": finite_or_none(r["gpu_peak_mib"])}
+        return {r["stage"]: {"seconds": float(r["seconds"]), "gpu_peak_mib": float(r["gpu_peak_mib"])}
                 for r in csv.DictReader(handle, delimiter="\t")}
 
 

@@ -703,13 +703,10 @@ def fit_to_devices(config, explicit: dict, num_clients: int | None = None,
     if ("client_num_gpus" in explicit or float(config.client_num_gpus) > 0 or ray_address(config) is not None
             or not resolve_device(config.device).startswith("cuda")):
         return {}, []
-    at_once = [int((os.cpu_count() or 1) // float(config.client_num_cpus))]
-    if config.clients_per_round is not None:
-        at_once.append(int(config.clients_per_round))
-    if num_clients is not None:
-        at_once.append(num_clients)
+    round_size = [int(n) for n in (config.clients_per_round, num_clients) if n is not None]  # unknown: none
+    ray_slots = int((os.cpu_count() or 1) // float(config.client_num_cpus))
     gpus = visible_gpus() if gpus is None else gpus
-    share = client_gpu_share(gpus, min(at_once) if len(at_once) > 1 else None)
+    share = client_gpu_share(gpus, min(round_size + [ray_slots]) if round_size else None)
     per_gpu = round(1 / share)
     return {"client_num_gpus": share}, [
         f"client_num_gpus 0 -> {share:g} (device {config.device}, {gpus} GPU{'s' if gpus > 1 else ''}: up to "
@@ -738,8 +735,10 @@ def resolve_fl_settings(layout: Layout, mode: str):
 
     name = mode.replace("-", "_")
     num_clients = len(load_partition(layout.partition(mode))["clients"])
-    fitted, partition_notes = fit_to_partition(fl_settings(layout.config, name)[0], num_clients)
-    config, notes = fl_settings(layout.config, name, fitted, num_clients)
+    config, notes = fl_settings(layout.config, name, num_clients=num_clients)
+    fitted, partition_notes = fit_to_partition(config, num_clients)
+    if fitted:  # clients_per_round lowered to num_clients: the GPU share, fitted to both already, stays as it is
+        config, notes = fl_settings(layout.config, name, fitted, num_clients)
     config.evaluation.test_seed = False  # the seed is the warm-up stage's model: its test WER is in that stage's result
     return config, notes + partition_notes + give_server_its_data(config, layout.partition(mode) / "warmup" / "train.csv")
 
